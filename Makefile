@@ -1,0 +1,49 @@
+# The README's two commands:
+#   make demo   run the main job on the built-in default model (offline, CPU)
+#   make test   run the test suite (what .ci/run calls)
+# Both create the virtual environment and fetch the weights they need on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On this machine `torch==2.13.0` resolves to a CPU wheel on local disk. Elsewhere, pick your build:
+#   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" test
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.reasonseg-installed
+DEMO_OUT ?= out/demo
+
+.PHONY: demo test lint system-deps fetch-weights clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The colour-emoji font draws the synthetic world's objects. Installed with apt when we may; the
+# synthetic-data code raises a clear error naming the package when it is missing.
+system-deps:
+	@if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q fonts-noto-color-emoji >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q fonts-noto-color-emoji >/dev/null)); \
+	  else echo "note: install Debian's fonts-noto-color-emoji for the synthetic world"; fi; \
+	fi
+
+fetch-weights: $(STAMP)
+	$(VENV)/bin/reasonseg fetch mobile_sam
+
+demo: $(STAMP) system-deps fetch-weights
+	$(VENV)/bin/reasonseg demo --out $(DEMO_OUT)
+
+test: $(STAMP) system-deps
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
