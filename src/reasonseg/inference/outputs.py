@@ -1,0 +1,218 @@
+"""Writing segmentation results: one format shared by ``reasonseg segment``, ``reasonseg chat`` and the API.
+
+A result is the answer text plus one entry per target named in the answer, in the order of its ``[SEG]`` /
+``[REJ]`` tokens: a label (``"name"`` of ``"name:[SEG]"`` when the answer gives one), whether it was rejected
+(``[REJ]``: the target is not in the image, so no mask), a score and a binary mask at the original image
+size. On disk (``write_result``):
+
+- ``<stem>overlay.png``: the image with every mask drawn over it (``reasonseg.inference.visualize``);
+- ``<stem>mask_<i>.png``: one 8-bit PNG per non-rejected target (255 inside, 0 outside);
+- ``<stem>result.json``: instruction, answer, image size, targets with COCO RLE masks
+  (``{"size": [H, W], "counts": str}`` as written by ``pycocotools.mask.encode``), bbox ``[x, y, w, h]``,
+  area, score, rejection, and timings in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SegmentResult", "TargetResult", "WrittenFiles", "decode_rle", "encode_rle", "write_result"]
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO run-length encoding of an HxW binary mask: ``{"size": [H, W], "counts": str}``."""
+    from pycocotools import mask as mask_utils
+
+    if mask.ndim != 2:
+        raise ValueError(f"encode_rle: expected an HxW mask, got shape {tuple(mask.shape)}")
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """Inverse of :func:`encode_rle`: an HxW bool mask."""
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"]
+    coded = {
+        "size": list(rle["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
+    return mask_utils.decode(coded).astype(bool)
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0, 0, 0, 0]
+    x0, y0 = int(xs.min()), int(ys.min())
+    return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+@dataclass
+class TargetResult:
+    """One target of an answer: ``mask`` is HxW bool, ``None`` when the target was rejected ([REJ])."""
+
+    index: int
+    label: str | None
+    rejected: bool
+    score: float | None
+    mask: np.ndarray | None
+
+    def to_json(self, include_mask: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "index": self.index,
+            "label": self.label,
+            "rejected": self.rejected,
+            "score": None if self.score is None else round(float(self.score), 6),
+        }
+        if self.mask is not None:
+            out["area"] = int(self.mask.sum())
+            out["bbox"] = _bbox(self.mask)
+            if include_mask:
+                out["mask"] = encode_rle(self.mask)
+        return out
+
+
+@dataclass
+class SegmentResult:
+    """Everything one instruction produced, ready to print, save or send as JSON."""
+
+    instruction: str
+    answer: str
+    image_hw: tuple[int, int]
+    targets: list[TargetResult]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    model: str | None = None
+
+    @classmethod
+    def from_prediction(
+        cls,
+        prediction: Any,
+        instruction: str,
+        image_hw: tuple[int, int],
+        timings_ms: dict[str, float] | None = None,
+        model: str | None = None,
+    ) -> SegmentResult:
+        """Build from a :class:`reasonseg.inference.predictor.Prediction` (``answer``, ``masks`` [K,H,W],
+        ``scores`` [K], ``rejected`` [K], ``labels`` [K]); masks are checked against ``image_hw``."""
+        rejected = [bool(r) for r in prediction.rejected]
+        masks = _as_numpy(prediction.masks).astype(bool)
+        scores = _as_numpy(prediction.scores).astype(np.float64).reshape(-1)
+        labels = list(getattr(prediction, "labels", None) or [None] * len(rejected))
+        if masks.ndim != 3 or masks.shape[0] != len(rejected) or tuple(masks.shape[1:]) != tuple(image_hw):
+            raise ValueError(
+                f"prediction masks have shape {tuple(masks.shape)}; expected [{len(rejected)}, {image_hw[0]}, "
+                f"{image_hw[1]}] (one per target, rejected ones included)"
+            )
+        if len(scores) != len(rejected) or len(labels) != len(rejected):
+            raise ValueError(
+                f"prediction has {len(rejected)} targets but {len(scores)} scores and {len(labels)} labels"
+            )
+        targets = [
+            TargetResult(
+                index=i,
+                label=None if labels[i] in (None, "") else str(labels[i]),
+                rejected=rejected[i],
+                score=None if rejected[i] else float(scores[i]),
+                mask=None if rejected[i] else masks[i],
+            )
+            for i in range(len(rejected))
+        ]
+        return cls(instruction, str(prediction.answer), (int(image_hw[0]), int(image_hw[1])), targets,
+                   dict(timings_ms or {}), model)  # fmt: skip
+
+    @property
+    def masks(self) -> np.ndarray:
+        """[K', H, W] bool: the masks of the non-rejected targets, in target order."""
+        kept = [t.mask for t in self.targets if t.mask is not None]
+        if not kept:
+            return np.zeros((0, *self.image_hw), dtype=bool)
+        return np.stack(kept)
+
+    @property
+    def mask_labels(self) -> list[str]:
+        """One legend entry per row of :attr:`masks`."""
+        return [t.label or f"target {t.index}" for t in self.targets if t.mask is not None]
+
+    def overlay(self, image: np.ndarray) -> np.ndarray:
+        """The image (HxWx3 uint8) with the masks drawn over it."""
+        from reasonseg.inference.visualize import overlay_masks
+
+        return overlay_masks(image, self.masks, self.mask_labels)
+
+    def to_json(self, include_masks: bool = True) -> dict[str, Any]:
+        return {
+            "instruction": self.instruction,
+            "answer": self.answer,
+            "image": {"height": self.image_hw[0], "width": self.image_hw[1]},
+            "targets": [t.to_json(include_masks) for t in self.targets],
+            "rejections": [t.index for t in self.targets if t.rejected],
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "model": self.model,
+        }
+
+    def summary(self) -> str:
+        """A few lines for a terminal: the answer, then one line per target."""
+        lines = [self.answer]
+        for t in self.targets:
+            name = t.label or f"target {t.index}"
+            if t.rejected:
+                lines.append(f"  [{t.index}] {name}: not in the image")
+            else:
+                assert t.mask is not None
+                lines.append(f"  [{t.index}] {name}: {int(t.mask.sum())} px, score {t.score:.3f}")
+        return "\n".join(lines)
+
+
+@dataclass
+class WrittenFiles:
+    """Paths written by :func:`write_result`."""
+
+    overlay: Path
+    masks: list[Path]
+    json: Path
+
+
+def write_result(
+    out_dir: str | Path, image: np.ndarray, result: SegmentResult, stem: str = ""
+) -> WrittenFiles:
+    """Write the overlay PNG, one PNG per non-rejected mask and the JSON into ``out_dir`` (created).
+
+    Args:
+        out_dir: output directory.
+        image: the image the masks belong to, HxWx3 uint8 RGB.
+        result: what to write.
+        stem: file name prefix, e.g. ``"turn01_"`` for the turns of a chat.
+    """
+    from PIL import Image
+
+    if image.shape[:2] != result.image_hw:
+        raise ValueError(f"image is {image.shape[:2]} but the result is for {result.image_hw}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    overlay_path = out / f"{stem}overlay.png"
+    Image.fromarray(result.overlay(image)).save(overlay_path)
+    mask_paths: list[Path] = []
+    for t in result.targets:
+        if t.mask is None:
+            continue
+        path = out / f"{stem}mask_{t.index}.png"
+        Image.fromarray(t.mask.astype(np.uint8) * 255).save(path)
+        mask_paths.append(path)
+    record = result.to_json(include_masks=True)
+    record["files"] = {"overlay": overlay_path.name, "masks": [p.name for p in mask_paths]}
+    json_path = out / f"{stem}result.json"
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    return WrittenFiles(overlay_path, mask_paths, json_path)

@@ -1,0 +1,142 @@
+"""The bridge between queued requests and the predictor: groups a batch by image, reuses encoded images.
+
+A batch from :class:`~reasonseg.serving.batching.BatchQueue` may hold requests on several images. The engine
+groups them by image content hash; for each image it takes a predictor whose ``set_image`` has already run
+from the shared :class:`~reasonseg.serving.cache.LruBytesCache` (or creates one and encodes the image once),
+then runs all single-turn instructions on that image through ``predict_batch`` in one call and the
+multi-turn ones through ``predict(..., history=...)``. Each cache entry is a predictor sharing the one model;
+its size is the bytes of its cached tensors (the model is not counted).
+
+The engine is synchronous and not re-entrant: the queue calls it from one worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from reasonseg.serving.cache import LruBytesCache, nbytes_of
+
+__all__ = ["JobResult", "PredictorLike", "SegmentEngine", "SegmentJob"]
+
+
+class PredictorLike(Protocol):
+    """What the engine needs from :class:`reasonseg.inference.predictor.ReasonSegPredictor`."""
+
+    def set_image(self, image: np.ndarray) -> None: ...
+
+    def predict(self, instruction: str, history: Sequence[Any] | None = None) -> Any: ...
+
+
+@dataclass
+class SegmentJob:
+    """One request: a decoded image (HxWx3 uint8 RGB), its content hash, an instruction, and earlier turns
+    as ``(role, text)`` pairs with role ``"user"`` or ``"assistant"`` (empty for a new conversation)."""
+
+    image: np.ndarray
+    key: str
+    instruction: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class JobResult:
+    """A prediction plus what it cost: whether the image was already encoded, the seconds spent encoding it
+    (0 on a hit), the seconds of the model call it shared, and how many requests shared that call."""
+
+    prediction: Any
+    cache_hit: bool
+    encode_s: float
+    predict_s: float
+    batch_size: int
+
+
+def _to_turns(history: Sequence[tuple[str, str]]) -> list[Any]:
+    from reasonseg.data.conversation import Turn
+
+    return [Turn(role=role, text=text) for role, text in history]  # type: ignore[arg-type]
+
+
+class SegmentEngine:
+    """Runs batches of :class:`SegmentJob` with an image-encoder cache shared across requests.
+
+    Args:
+        predictor_factory: returns a fresh predictor over the shared model (called once per new image).
+        cache_bytes: memory budget of cached encoded images; 0 disables the cache.
+        use_predict_batch: run same-image single-turn instructions in one ``predict_batch`` call when the
+            predictor has one (False runs them one at a time: the batch-size-1 baseline of the benchmark).
+    """
+
+    def __init__(
+        self,
+        predictor_factory: Callable[[], PredictorLike],
+        cache_bytes: int,
+        *,
+        use_predict_batch: bool = True,
+    ) -> None:
+        self.predictor_factory = predictor_factory
+        self.cache: LruBytesCache[PredictorLike] = LruBytesCache(cache_bytes, sizeof=nbytes_of)
+        self.use_predict_batch = use_predict_batch
+
+    def _predictor_for(self, job: SegmentJob) -> tuple[PredictorLike, bool, float]:
+        t0 = time.perf_counter()
+
+        def create() -> PredictorLike:
+            predictor = self.predictor_factory()
+            predictor.set_image(job.image)
+            return predictor
+
+        predictor, hit = self.cache.get_or_create(job.key, create)
+        return predictor, hit, 0.0 if hit else time.perf_counter() - t0
+
+    def run(self, jobs: Sequence[SegmentJob]) -> list[JobResult | BaseException]:
+        """Results in the order of ``jobs``; a failing job yields its exception, the others still run."""
+        results: list[JobResult | BaseException | None] = [None] * len(jobs)
+        groups: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.key, []).append(i)
+        for indices in groups.values():
+            try:
+                predictor, hit, encode_s = self._predictor_for(jobs[indices[0]])
+            except Exception as exc:
+                for i in indices:
+                    results[i] = exc
+                continue
+            single = [i for i in indices if not jobs[i].history]
+            multi = [i for i in indices if jobs[i].history]
+            first = True
+            if len(single) > 1 and self.use_predict_batch and hasattr(predictor, "predict_batch"):
+                t0 = time.perf_counter()
+                try:
+                    preds = predictor.predict_batch([jobs[i].instruction for i in single])
+                    if len(preds) != len(single):
+                        raise RuntimeError(f"predict_batch returned {len(preds)} results for {len(single)}")
+                except Exception:
+                    preds = None  # isolate the failing request: fall back to one call each below
+                if preds is not None:
+                    took = time.perf_counter() - t0
+                    for i, pred in zip(single, preds, strict=True):
+                        results[i] = JobResult(
+                            pred, hit or not first, encode_s if first else 0.0, took, len(single)
+                        )
+                        first = False
+                    single = []
+            for i in [*single, *multi]:
+                t0 = time.perf_counter()
+                try:
+                    if jobs[i].history:
+                        pred = predictor.predict(jobs[i].instruction, history=_to_turns(jobs[i].history))
+                    else:
+                        pred = predictor.predict(jobs[i].instruction)
+                except Exception as exc:
+                    results[i] = exc
+                    continue
+                results[i] = JobResult(
+                    pred, hit or not first, encode_s if first else 0.0, time.perf_counter() - t0, 1
+                )
+                first = False
+        return [r if r is not None else RuntimeError("job was not run") for r in results]
