@@ -1,0 +1,62 @@
+"""Small building blocks shared by SAM's encoders and decoder.
+
+Parameter names follow Meta's ``segment_anything`` so its checkpoints (and MobileSAM's) load strictly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerNorm2d", "MLPBlock", "attention"]
+
+
+class MLPBlock(nn.Module):
+    """Two-layer perceptron ``lin2(act(lin1(x)))`` applied to the last dimension ([..., C] -> [..., C])."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dimension of a BxCxHxW map (statistics per pixel, eps inside the sqrt)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalising the channels-last view with F.layer_norm is one fused kernel instead of five
+        # element-wise passes; the permutes are views, and a channels_last input stays zero-copy.
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Multi-head attention ``softmax(q k^T * scale + bias) v`` through ``scaled_dot_product_attention``.
+
+    Args:
+        q: [B, heads, Nq, Dk]; k: [B, heads, Nk, Dk]; v: [B, heads, Nk, Dv].
+        bias: additive float bias broadcastable to [B, heads, Nq, Nk] (relative positions, learned biases).
+        scale: logit scale; ``Dk ** -0.5`` when None.
+    Returns:
+        [B, heads, Nq, Dv].
+    """
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
