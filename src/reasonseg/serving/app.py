@@ -22,9 +22,11 @@ import binascii
 import hmac
 import io
 import json
+import logging
 import re
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -52,6 +54,7 @@ __all__ = ["ApiError", "create_app", "decode_image_bytes"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 EXAMPLES_DIR = STATIC_DIR / "examples"
+log = logging.getLogger("reasonseg.serving")
 _ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -162,6 +165,7 @@ _ERRORS = {
         413: "upload or image too large",
         415: "unsupported content type",
         422: "invalid field (image, instruction, ...)",
+        500: "the model failed",
         503: "queue full",
         504: "request timed out",
     }.items()
@@ -192,9 +196,14 @@ def decode_image_bytes(data: bytes, settings: ServeSettings, field_name: str = "
             field_name,
         )  # fmt: skip
     try:
-        with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as probe:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            probe = Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
+        with probe:
             width, height = probe.size
             fmt = probe.format
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, "image_too_large", f"image refused before decoding: {exc}", field_name) from None
     except UnidentifiedImageError:
         raise ApiError(
             422, "invalid_image", f"not a decodable image; accepted formats: {', '.join(_ALLOWED_FORMATS)}",
@@ -508,6 +517,13 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
         return _error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return _error_response(
+            500, "internal_error", f"the model failed on this request ({type(exc).__name__})"
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
