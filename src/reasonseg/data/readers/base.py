@@ -1,0 +1,173 @@
+"""Shared reader machinery: indexed access, deterministic per-record randomness, opt-in skip mode."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from reasonseg.data.samples import DataError, Sample
+
+ReadMode = Literal["train", "eval"]
+# A polygon may overshoot the image border by this many pixels (annotation tools round outwards).
+POLYGON_TOLERANCE_PX = 1.0
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record skipped in skip mode: its index, the file at fault and the reason."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class Reader(ABC):
+    """Indexed dataset of :class:`Sample`.
+
+    ``mode="train"`` draws query/answer templates with a generator seeded by ``(seed, epoch, index)``, so a
+    sample is a pure function of those three numbers, in any process or DataLoader worker; ``mode="eval"``
+    always takes the first query text and the first template.
+
+    Malformed records raise :class:`DataError` naming the file and the reason. With
+    ``skip_malformed=True`` they are skipped instead, counted in :attr:`skipped`, and :meth:`report` says
+    which and why.
+    """
+
+    source: str = "unknown"
+
+    def __init__(self, *, mode: ReadMode = "train", seed: int = 0, skip_malformed: bool = False) -> None:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.mode: ReadMode = mode
+        self.seed = int(seed)
+        self.skip_malformed = bool(skip_malformed)
+        self.skipped: dict[int, SkippedRecord] = {}
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def _load(self, index: int, rng: np.random.Generator | None) -> Sample:
+        """Build sample ``index``; raise :class:`DataError` when its record is malformed."""
+
+    def rng_for(self, index: int, epoch: int = 0) -> np.random.Generator | None:
+        """The per-record generator (None in eval mode: first text, first template)."""
+        if self.mode == "eval":
+            return None
+        return np.random.default_rng([self.seed, epoch, index])
+
+    def get(self, index: int, epoch: int = 0) -> Sample | None:
+        """Sample ``index``, or None if it is malformed and skip mode is on."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.source}: index {index} out of range [0, {len(self)})")
+        try:
+            return self._load(index, self.rng_for(index, epoch))
+        except DataError as exc:
+            if not self.skip_malformed:
+                raise
+            self.skipped[index] = SkippedRecord(index, exc.path, exc.reason)
+            return None
+
+    def __getitem__(self, index: int) -> Sample:
+        """Sample ``index``; in skip mode a malformed record is replaced by the next good one."""
+        n = len(self)
+        for step in range(n):
+            sample = self.get((index + step) % n)
+            if sample is not None:
+                return sample
+        raise DataError(self.source, f"all {n} records are malformed")
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            sample = self.get(i)
+            if sample is not None:
+                yield sample
+
+    def report(self) -> str:
+        """One line per skipped record, after a count."""
+        lines = [f"{self.source}: skipped {len(self.skipped)} of {len(self)} records"]
+        lines += [
+            f"  #{r.index} {r.path}: {r.reason}" for r in sorted(self.skipped.values(), key=lambda r: r.index)
+        ]
+        return "\n".join(lines)
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; DataError naming the file for a missing file or broken JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, "file is missing")
+    try:
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252")  # some ReasonSeg files are not UTF-8
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(p, f"broken JSON ({exc})") from exc
+
+
+def require(obj: Any, key: str, typ: type | tuple[type, ...], path: str | Path) -> Any:
+    """``obj[key]`` checked for presence and type; DataError naming the file and field otherwise."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(path, f"missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, typ):
+        raise DataError(path, f"field {key!r} has type {type(value).__name__}, expected {typ}")
+    return value
+
+
+def check_polygon(points: Any, hw: tuple[int, int], path: str | Path, what: str) -> np.ndarray:
+    """Validate a polygon given as [[x, y], ...] (or flat [x0, y0, x1, y1, ...]) -> float [P,2].
+
+    Raises DataError for fewer than 3 points, non-numbers, or points outside the image by more than
+    ``POLYGON_TOLERANCE_PX``.
+    """
+    try:
+        pts = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(path, f"{what}: polygon points are not numbers") from exc
+    if pts.ndim == 1 and pts.size % 2 == 0:
+        pts = pts.reshape(-1, 2)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3:
+        raise DataError(path, f"{what}: a polygon needs >= 3 [x, y] points, got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise DataError(path, f"{what}: polygon has non-finite coordinates")
+    h, w = hw
+    t = POLYGON_TOLERANCE_PX
+    bad = (pts[:, 0] < -t) | (pts[:, 0] > w + t) | (pts[:, 1] < -t) | (pts[:, 1] > h + t)
+    if bad.any():
+        x, y = pts[np.argmax(bad)]
+        raise DataError(path, f"{what}: polygon point ({x:.1f}, {y:.1f}) is outside the {w}x{h} image")
+    return pts
+
+
+def rasterize_polygon(points: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Fill one polygon (float [P,2] x,y in pixels) with its outline -> bool [H,W]."""
+    h, w = hw
+    canvas = Image.new("L", (w, h), 0)
+    xy = [(float(x), float(y)) for x, y in points]
+    ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def paint_polygons(
+    polygons: Sequence[tuple[np.ndarray, int]], hw: tuple[int, int], *, larger_first: bool = True
+) -> np.ndarray:
+    """Paint (polygon, value) pairs into a uint8 [H,W] label map, larger polygons first so smaller ones
+    drawn later (e.g. an ignore region inside a target) stay visible, as LISA does for ReasonSeg."""
+    rasters = [(rasterize_polygon(p, hw), v) for p, v in polygons]
+    if larger_first:
+        rasters.sort(key=lambda rv: -int(rv[0].sum()))
+    out = np.zeros(hw, dtype=np.uint8)
+    for r, v in rasters:
+        out[r] = v
+    return out

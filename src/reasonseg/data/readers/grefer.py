@@ -1,0 +1,134 @@
+"""gRefCOCO (GSVA / ReLA generalized referring expressions).
+
+On disk::
+
+    ROOT/grefs(unc).json   [{"ref_id", "image_id", "ann_id": [int, ...] | [-1], "split",
+                             "sentences": [{"sent": str, ...}], "no_target": bool?, ...}, ...]
+    ROOT/instances.json    COCO instances (polygons or RLE)
+    IMAGE_ROOT/<file_name>
+
+``ann_id == [-1]`` (or an empty list, or ``no_target: true``) means the expression has no target in the
+image: the answer gets a ``[REJ]`` slot and an all-zero mask. Splits: train / val / testA / testB.
+With ``per_instance=True`` every annotation is its own ``[SEG]`` target, in the order of ``ann_id``;
+otherwise (GSVA's evaluation) the annotations are merged into one mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reasonseg.data import templates
+from reasonseg.data.readers.base import Reader, ReadMode, read_json, require
+from reasonseg.data.readers.coco import CocoInstances
+from reasonseg.data.samples import DataError, Sample, TargetKind, image_size
+
+NO_TARGET = -1
+
+
+def is_sentence(text: str) -> bool:
+    """A query written as a full sentence (ends with . ? !) goes into the long template, a phrase into the short."""
+    return text.rstrip().endswith((".", "?", "!"))
+
+
+class GRefCocoReader(Reader):
+    """gRefCOCO reader -> ``kind="gres"`` samples.
+
+    In train mode the index runs over refs (a random sentence each); in eval mode over every sentence.
+    """
+
+    source = "grefcoco"
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_root: str | Path,
+        split: str = "train",
+        *,
+        refs_file: str = "grefs(unc).json",
+        per_instance: bool = True,
+        mode: ReadMode = "train",
+        seed: int = 0,
+        skip_malformed: bool = False,
+    ) -> None:
+        super().__init__(mode=mode, seed=seed, skip_malformed=skip_malformed)
+        self.root = Path(root)
+        self.image_root = Path(image_root)
+        self.split = split
+        self.per_instance = per_instance
+        self.refs_path = self.root / refs_file
+        refs = read_json(self.refs_path)
+        if not isinstance(refs, list):
+            raise DataError(self.refs_path, "expected a JSON list of refs")
+        self.coco = CocoInstances(self.root / "instances.json")
+        self.refs: list[dict[str, Any]] = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
+        if not self.refs:
+            raise DataError(self.refs_path, f"no refs with split {split!r}")
+        # (ref index, sentence index or -1 for "pick one at random")
+        self.index: list[tuple[int, int]] = []
+        for i, r in enumerate(self.refs):
+            sents = r.get("sentences")
+            if mode == "eval" and isinstance(sents, list):
+                self.index += [(i, j) for j in range(len(sents))]
+            else:
+                self.index.append((i, -1))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def target_ann_ids(self, ref: dict[str, Any]) -> list[int]:
+        """Annotation ids of a ref; [] for no target."""
+        ids = ref.get("ann_id")
+        if isinstance(ids, int):
+            ids = [ids]
+        if not isinstance(ids, list) or not all(isinstance(a, int) for a in ids):
+            raise DataError(self.refs_path, f"ref {ref.get('ref_id')}: 'ann_id' must be a list of ints")
+        if ref.get("no_target") or ids == [NO_TARGET] or not ids:
+            return []
+        if NO_TARGET in ids:
+            raise DataError(self.refs_path, f"ref {ref.get('ref_id')}: -1 mixed with real ids in 'ann_id'")
+        return ids
+
+    def _load(self, index: int, rng: np.random.Generator | None) -> Sample:
+        ri, si = self.index[index]
+        ref = self.refs[ri]
+        ref_id = ref.get("ref_id", ri)
+        sents = require(ref, "sentences", list, self.refs_path)
+        if not sents:
+            raise DataError(self.refs_path, f"ref {ref_id}: no sentences")
+        if si < 0:
+            si = 0 if rng is None else int(rng.integers(len(sents)))
+        text = require(sents[si], "sent", str, self.refs_path)
+        im = self.coco.image(int(require(ref, "image_id", int, self.refs_path)))
+        path = self.image_root / im["file_name"]
+        hw = image_size(path)
+        if hw != (im["height"], im["width"]):
+            raise DataError(
+                path, f"image is {hw[1]}x{hw[0]} but instances.json says {im['width']}x{im['height']}"
+            )
+        ann_ids = self.target_ann_ids(ref)
+        masks = [self.coco.ann_mask(a) for a in ann_ids]
+        kinds: list[TargetKind]
+        if not masks:
+            stack = np.zeros((1, *hw), dtype=np.uint8)
+            kinds = ["rej"]
+        elif self.per_instance:
+            stack = np.stack(masks)
+            kinds = ["seg"] * len(masks)
+        else:
+            stack = np.any(np.stack(masks), axis=0)[None].astype(np.uint8)
+            kinds = ["seg"]
+        turns = templates.seg_turns(text, kinds, is_sentence=is_sentence(text), rng=rng)
+        return Sample(
+            image=path,
+            image_id=f"{self.source}/{im['id']}",
+            turns=turns,
+            masks=stack,
+            kind="gres",
+            source=self.source,
+            target_kinds=kinds,
+            target_texts=[text] * len(kinds),
+            meta={"split": self.split, "ref_id": ref_id, "ann_ids": ann_ids, **ref.get("synth", {})},
+        )
