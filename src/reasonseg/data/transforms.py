@@ -195,7 +195,7 @@ class SamTransform:
         """HxWx3 uint8 -> hxwx3 uint8 with the longest side = target_length (PIL bilinear)."""
         h, w = image.shape[:2]
         nh, nw = preprocess_shape(h, w, self.target_length)
-        return np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+        return np.array(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
 
     def prepare(self, image: np.ndarray) -> SamInput:
         """HxWx3 uint8 RGB (see :func:`load_image`) -> :class:`SamInput`."""
