@@ -117,8 +117,9 @@ def _panel(item: EvalItem, record: dict[str, Any]) -> np.ndarray:
     """Image | ground truth overlay | prediction overlay, with a caption strip. HxWx3 uint8."""
     from PIL import Image, ImageDraw
 
-    image = item.sample.load_image()
-    gt = item.sample.masks == 1  # [K,H,W], ignore pixels (255) left out
+    sample = item.load()
+    image = sample.load_image()
+    gt = sample.masks == 1  # [K,H,W], ignore pixels (255) left out
     pred = np.stack([decode_rle(t["pred_rle"]) for t in record["targets"]]) if record["targets"] else gt[:0]
     labels_gt = [f"gt {i}" for i in range(len(gt))]
     labels_pred = [

@@ -117,7 +117,8 @@ def score_item(item: EvalItem, result: SegmentResult, rules: MetricRules, mode: 
     scored as an empty mask; under GSVA rules such a missing slot counts as "no target predicted",
     since the user sees no mask. Extra slots beyond the targets are recorded but not scored.
     """
-    gt = item.sample.masks  # uint8 [K,H,W]
+    sample = item.load()
+    gt = sample.masks  # uint8 [K,H,W]
     k, h, w = gt.shape
     n = result.masks.shape[0]
     if mode == "teacher-forced" and n != k:
@@ -132,12 +133,12 @@ def score_item(item: EvalItem, result: SegmentResult, rules: MetricRules, mode: 
             pred, rejected = result.masks[i], bool(result.rejected[i])
         else:
             pred, rejected = np.zeros((h, w), dtype=bool), True
-        score = score_target(pred, gt[i], rules, ignore=item.sample.ignore, rejected=rejected)
+        score = score_target(pred, gt[i], rules, ignore=sample.ignore, rejected=rejected)
         targets.append({**score.to_json(), "slot_present": i < n, "pred_rle": encode_rle(pred)})
     return {
         "key": item.key,
-        "image_id": str(item.sample.image_id),
-        "source": item.sample.source,
+        "image_id": str(sample.image_id),
+        "source": sample.source,
         "group": item.group,
         "query": item.query,
         "answer": result.answer,
@@ -263,7 +264,7 @@ def run_evaluation(
         bar = tqdm(total=len(mine), desc=f"eval ({config.mode}, {state.num_processes} proc)", unit="sample")
     with ResultStore(shard_path(out, state.process_index)).open() as store:
         for start in range(0, len(mine), config.batch_size):
-            batch = mine[start : start + config.batch_size]
+            batch = [it.loaded() for it in mine[start : start + config.batch_size]]
             t0 = time.perf_counter()
             results = segmenter.segment(batch, config.mode)
             dt = time.perf_counter() - t0

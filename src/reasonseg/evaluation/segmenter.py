@@ -8,8 +8,8 @@ each slot, and (generative mode) the answer text. :class:`LisaSegmenter` adapts 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -30,15 +30,26 @@ class EvalItem:
     Attributes:
         key: unique, stable identifier inside the protocol (the resume key).
         sample: the image, the conversation (the last assistant turn holds the reference answer with
-            one ``[SEG]``/``[REJ]`` per target) and the ground-truth masks uint8 [K,H,W] (255 = ignore).
+            one ``[SEG]``/``[REJ]`` per target) and the ground-truth masks uint8 [K,H,W] (255 = ignore);
+            or a zero-argument function that builds it, so a protocol over thousands of images does
+            not hold every mask in memory (the runner loads one batch at a time).
         group: breakdown bucket (ReasonSeg: ``"short"`` or ``"long"`` query), or None.
         query: the raw query text, for reports.
     """
 
     key: str
-    sample: Sample
+    sample: Sample | Callable[[], Sample]
     group: str | None = None
     query: str = ""
+
+    def load(self) -> Sample:
+        """The sample (built now when ``sample`` is a function)."""
+        s = self.sample
+        return s() if callable(s) else s
+
+    def loaded(self) -> EvalItem:
+        """A copy whose ``sample`` is built, for the duration of one batch."""
+        return self if not callable(self.sample) else replace(self, sample=self.load())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,211 @@
+"""Adapter from :class:`reasonseg.model.LisaModel` to the evaluation's :class:`Segmenter` interface.
+
+* teacher-forced: the item's whole conversation (its last assistant turn holds the reference answer
+  with one ``[SEG]``/``[REJ]`` per target) runs through ``model.forward``; every slot is decoded to
+  a mask, and the slot's ``[SEG]``-vs-``[REJ]`` decision is the model's own prediction at the
+  position before it (GSVA's protocol; ignored by LISA's rules).
+* generative: the conversation without its last assistant turn is a prompt to ``model.generate``
+  (greedy, KV cache, left padding for batches); each generated ``[SEG]`` gives a mask, a generated
+  ``[REJ]`` gives none (what a user sees).
+
+Images are encoded once per batch; with ``cache_dir`` the encoder outputs (SAM embeddings and the LM's
+projected image tokens) are stored on disk with :class:`reasonseg.training.encoder_cache.EncoderCache`,
+keyed by the preprocessed pixels and the encoders' weights, so a second evaluation, another mode, or
+several items on one image skip the image encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from reasonseg.evaluation.segmenter import EvalItem, EvalMode, SegmentResult
+
+if TYPE_CHECKING:
+    from reasonseg.model import LisaModel
+    from reasonseg.model.outputs import ImageFeatures
+
+__all__ = ["LisaSegmenter"]
+
+
+@dataclass
+class _EncodedImage:
+    """The tensors of ``ImageFeatures`` for a batch (what the disk cache stores per image)."""
+
+    sam_embeddings: torch.Tensor  # [B,256,h,w]
+    vision_tokens: torch.Tensor  # [B,N,H]
+
+
+def _fingerprint(modules: dict[str, torch.nn.Module], config: str) -> str:
+    """sha256 over the encoders' state (names, shapes, dtypes, bytes) and a config string.
+
+    Same recipe as ``reasonseg.training.encoder_cache.encoder_fingerprint``, but safe for 0-dim
+    buffers (TinyViT's BatchNorm ``num_batches_tracked``), which that function cannot view as bytes.
+    """
+    import hashlib
+
+    h = hashlib.sha256(config.encode())
+    for label in sorted(modules):
+        h.update(f"|module:{label}|".encode())
+        for name, tensor in modules[label].state_dict().items():
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class LisaSegmenter:
+    """Evaluate a :class:`LisaModel` (see the module docstring).
+
+    Args:
+        model: the model (eval mode is set here).
+        name: identifies the model in the run manifest (default: the config's name).
+        cache_dir: image-encoder disk cache directory, or None for no cache.
+        max_new_tokens: generation budget per answer (generative mode).
+        max_length: truncate conversations to this many tokens (default: the model config's).
+    """
+
+    def __init__(
+        self,
+        model: LisaModel,
+        *,
+        name: str | None = None,
+        cache_dir: str | Path | None = None,
+        max_new_tokens: int = 64,
+        max_length: int | None = None,
+    ) -> None:
+        from reasonseg.data.transforms import SamTransform
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model = model.eval()
+        self.name = name or model.config.name
+        self.transform = SamTransform(int(model.sam.image_size))
+        self.max_new_tokens = max_new_tokens
+        self.max_length = max_length or int(model.config.max_length)
+        self.cache: Any = None
+        if cache_dir is not None:
+            from reasonseg.training.encoder_cache import EncoderCache
+
+            fingerprint = _fingerprint(
+                {
+                    "sam_image_encoder": model.sam.image_encoder,
+                    "vision_tower": model.mllm.vision_tower,
+                    "projector": model.mllm.projector,
+                },
+                config=f"sam-input-{self.transform.target_length}|vision-{model.config.vision.kind}",
+            )
+            self.cache = EncoderCache(cache_dir, fingerprint, output_type=_EncodedImage)
+        self.encoder_calls = 0  # images actually run through the encoder (cache misses)
+
+    # -- images ----------------------------------------------------------------------------------
+    def encode(self, images: Sequence[np.ndarray]) -> ImageFeatures:
+        """HxWx3 uint8 images -> :class:`ImageFeatures` (row i for image i), through the cache if any."""
+        from reasonseg.model.outputs import ImageFeatures
+
+        prepared = [self.transform.prepare(im) for im in images]
+        pixels = torch.stack([p.pixels for p in prepared])  # [B,3,L,L]
+        resized = [p.resized_hw for p in prepared]
+        original = [p.original_hw for p in prepared]
+
+        def run(idx: list[int]) -> _EncodedImage:
+            self.encoder_calls += len(idx)
+            with torch.no_grad():
+                f = self.model.encode_images(
+                    pixels[idx], [resized[i] for i in idx], [original[i] for i in idx]
+                )
+            return _EncodedImage(f.sam_embeddings, f.vision_tokens)
+
+        if self.cache is None:
+            enc = run(list(range(len(images))))
+            return ImageFeatures(enc.sam_embeddings, enc.vision_tokens, resized, original)
+
+        from reasonseg.training.encoder_cache import content_key
+
+        # Per-image lookups, one encoder pass over the misses (their sizes travel with them).
+        keys = [content_key(p) for p in pixels]
+        entries: list[dict[str, torch.Tensor] | None] = [self.cache.get(k) for k in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
+        self.cache.stats.hits += len(keys) - len(missing)
+        self.cache.stats.misses += len(missing)
+        if missing:
+            enc = run(missing)
+            for j, i in enumerate(missing):
+                entry = {"sam_embeddings": enc.sam_embeddings[j], "vision_tokens": enc.vision_tokens[j]}
+                self.cache.put(keys[i], entry)
+                entries[i] = entry
+        device, dtype = self.model.device, self.model.dtype
+        sam = torch.stack([e["sam_embeddings"] for e in entries if e is not None]).to(device, dtype)
+        tok = torch.stack([e["vision_tokens"] for e in entries if e is not None]).to(device, dtype)
+        return ImageFeatures(sam, tok, resized, original)
+
+    # -- the interface ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def segment(self, items: Sequence[EvalItem], mode: EvalMode) -> list[SegmentResult]:
+        from reasonseg.data.conversation import encode_conversation
+
+        samples = [it.load() for it in items]
+        feats = self.encode([s.load_image() for s in samples])
+        model = self.model
+        n_img = model.num_image_tokens
+        if mode == "teacher-forced":
+            encoded = [
+                encode_conversation(
+                    model.tokenizer, model.template, s.turns, n_img, self.max_length
+                ).input_ids
+                for s in samples
+            ]
+            t = max(len(e) for e in encoded)
+            ids = torch.full((len(encoded), t), model.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(encoded), t), dtype=torch.long)
+            for i, e in enumerate(encoded):  # right padding: slots keep their positions
+                ids[i, : len(e)] = e
+                mask[i, : len(e)] = 1
+            out = model.forward(input_ids=ids, attention_mask=mask, images=feats)
+            assert out.masks is not None
+            results = []
+            for i, it in enumerate(items):
+                k = samples[i].masks.shape[0]
+                if len(out.kinds[i]) != k:
+                    raise ValueError(
+                        f"item {it.key}: the tokenised reference answer holds {len(out.kinds[i])} [SEG]/[REJ] "
+                        f"slots for {k} target masks (truncated at max_length={self.max_length}?)"
+                    )
+                results.append(
+                    SegmentResult(
+                        masks=(out.masks[i].logits > 0).cpu().numpy(),
+                        rejected=[bool(x) for x in out.predicted_rej[i].tolist()],
+                    )
+                )
+            return results
+        if mode != "generative":
+            raise ValueError(f"unknown mode {mode!r}")
+        prompts = []
+        for it, s in zip(items, samples, strict=True):
+            if s.turns[-1].role != "assistant" or len(s.turns) < 2:
+                raise ValueError(f"item {it.key}: the conversation must end with the reference answer")
+            prompts.append(
+                encode_conversation(
+                    model.tokenizer,
+                    model.template,
+                    s.turns[:-1],
+                    n_img,
+                    self.max_length,
+                    add_generation_prompt=True,
+                ).input_ids
+            )
+        gen = model.generate(prompts, feats, max_new_tokens=self.max_new_tokens)
+        assert gen.masks is not None
+        results = []
+        for i in range(len(items)):
+            masks = (gen.masks[i].logits > 0).cpu().numpy()
+            rejected = [k == "rej" for k in gen.kinds[i]]
+            masks[np.asarray(rejected, dtype=bool)] = False  # [REJ]: no mask for the user
+            results.append(SegmentResult(masks=masks, rejected=rejected, answer=gen.texts[i]))
+        return results
