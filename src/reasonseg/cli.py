@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +36,58 @@ def _add_fetch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate on ReasonSeg / refCOCO / gRefCOCO (resumable; multi-process via accelerate launch)",
+        description="Evaluate a model with the published protocols. DATA specs: reasonseg:PATH:val|test, "
+        "refcoco|refcoco+|refcocog|refclef:PATH:unc|umd|google:SPLIT, grefcoco:PATH:val|testA|testB. "
+        "Rerunning with the same --out skips finished samples.",
+    )
+    p.add_argument("--model", required=True, help="model directory (save_pretrained) or preset name")
+    p.add_argument("--data", required=True, metavar="SPEC", help="e.g. reasonseg:/data/ReasonSeg:val")
+    p.add_argument("--mode", required=True, choices=["teacher-forced", "generative"])
+    p.add_argument(
+        "--out", required=True, type=Path, help="run directory (reports, resumable per-sample results)"
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="samples per model call, per process")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--worst-k", type=int, default=8, help="overlays of the K worst samples")
+    p.add_argument("--image-root", type=Path, default=None, help="image folder for refer/gRefCOCO data")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="image-encoder disk cache (default: in the cache)"
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not use the image-encoder disk cache")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (generative mode)")
+    p.add_argument("--tiny", action="store_true", help="build the preset at tiny random sizes (smoke tests)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def run(args: argparse.Namespace) -> int:
+        from reasonseg.evaluation.command import EvalCommand, run_eval_command
+        from reasonseg.weights import cache_dir
+
+        cache = None if args.no_cache else (args.cache_dir or cache_dir() / "encoder_cache")
+        cmd = EvalCommand(
+            model=args.model,
+            data=args.data,
+            mode=args.mode,
+            out=args.out,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            worst_k=args.worst_k,
+            image_root=args.image_root,
+            cache_dir=cache,
+            max_new_tokens=args.max_new_tokens,
+            tiny=args.tiny,
+        )
+        return run_eval_command(cmd)
+
+    p.set_defaults(func=run)
+
+
 _BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fetch,
+    _add_eval,
 ]
 
 
