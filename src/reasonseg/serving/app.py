@@ -121,14 +121,6 @@ class SegmentResponse(BaseModel):
     overlay_png_base64: str | None = None
 
 
-class SegmentJsonBody(BaseModel):
-    image_base64: str = Field(description="the image file (JPEG, PNG, WebP, BMP, GIF, TIFF), base64")
-    instruction: str = Field(description="what to segment, in words")
-    conversation_id: str | None = Field(None, description="continue this conversation (same image)")
-    return_overlay: bool = False
-    return_masks: bool = True
-
-
 class HealthResponse(BaseModel):
     status: str
     model: str | None
@@ -144,17 +136,56 @@ class ExampleOut(BaseModel):
     url: str
 
 
-_MULTIPART_SCHEMA = {
-    "type": "object",
-    "required": ["image", "instruction"],
-    "properties": {
-        "image": {"type": "string", "format": "binary", "description": "the image file"},
-        "instruction": {"type": "string"},
-        "conversation_id": {"type": "string"},
-        "return_overlay": {"type": "boolean"},
-        "return_masks": {"type": "boolean"},
-    },
-}
+def _request_schemas(settings: ServeSettings) -> dict[str, Any]:
+    """The two request bodies of ``POST /v1/segment`` as OpenAPI schemas, with this server's limits."""
+    instruction = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.max_instruction_chars,
+        "pattern": r"\S",
+        "description": "what to segment, in words (leading/trailing blanks are stripped)",
+    }
+    conversation = {
+        "type": "string",
+        "pattern": _CONVERSATION_ID.pattern,
+        "description": "continue this conversation",
+    }
+    options = {
+        "conversation_id": conversation,
+        "return_overlay": {
+            "type": "boolean",
+            "default": False,
+            "description": "include an overlay PNG (base64)",
+        },
+        "return_masks": {"type": "boolean", "default": True, "description": "include COCO RLE masks"},
+    }
+    image_note = f"JPEG, PNG, WebP, BMP, GIF or TIFF; at most {settings.max_upload_bytes} bytes, " + (
+        f"{settings.max_pixels} pixels and {settings.max_side} pixels per side"
+    )
+    multipart = {
+        "type": "object",
+        "required": ["image", "instruction"],
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": f"the image file: {image_note}"},
+            "instruction": instruction,
+            **options,
+        },
+    }
+    as_json = {
+        "type": "object",
+        "required": ["image_base64", "instruction"],
+        "additionalProperties": False,
+        "properties": {
+            "image_base64": {"type": "string", "minLength": 1, "format": "byte",
+                             "description": f"the image file, base64 (a data: URL is accepted): {image_note}"},
+            "instruction": instruction,
+            **options,
+        },
+    }  # fmt: skip
+    return {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": as_json}}
+
+
 _ERRORS = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
@@ -264,7 +295,7 @@ def _parse_bool(value: Any, name: str) -> bool:
 
 
 def _parse_conversation_id(value: Any) -> str | None:
-    if value is None or value == "":
+    if value is None:
         return None
     if not isinstance(value, str) or not _CONVERSATION_ID.match(value):
         raise ApiError(
@@ -516,7 +547,9 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
-        return _error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        response = _error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -576,10 +609,7 @@ def create_app(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {
-                    "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-                    "application/json": {"schema": SegmentJsonBody.model_json_schema()},
-                },
+                "content": _request_schemas(settings),
             }
         },
     )
