@@ -151,10 +151,14 @@ def check_polygon(points: Any, hw: tuple[int, int], path: str | Path, what: str)
 
 
 def rasterize_polygon(points: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Fill one polygon (float [P,2] x,y in pixels) with its outline -> bool [H,W]."""
+    """Fill one polygon (float [P,2] x,y in pixels) including its outline -> bool [H,W].
+
+    Like LISA's reader (``np.int32`` points, ``cv2.polylines`` then ``cv2.fillPoly``): coordinates are
+    truncated to integers and every pixel on or inside the outline is set.
+    """
     h, w = hw
     canvas = Image.new("L", (w, h), 0)
-    xy = [(float(x), float(y)) for x, y in points]
+    xy = [(int(x), int(y)) for x, y in np.trunc(points)]
     ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
     return np.asarray(canvas, dtype=bool)
 
