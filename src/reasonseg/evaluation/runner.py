@@ -235,9 +235,9 @@ def run_evaluation(
     if len(set(keys)) != len(keys):
         raise ValueError("evaluation items must have unique keys")
     full_manifest = {
-        **(manifest or {}),
-        "segmenter": segmenter.name,
         "mode": config.mode,
+        "segmenter": segmenter.name,
+        **(manifest or {}),
         "rules": {"rejection": rules.rejection, "giou_eps": rules.giou_eps, "ciou_eps": rules.ciou_eps},
         "n_items": len(items),
         "items_sha256": _keys_digest(items),  # last: the least readable difference
