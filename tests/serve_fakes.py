@@ -11,19 +11,11 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-
-@dataclass
-class FakePrediction:
-    answer: str
-    masks: np.ndarray  # [K,H,W] bool
-    scores: np.ndarray  # [K]
-    rejected: list[bool]
-    labels: list[str | None]
+from reasonseg.inference.predictor import Prediction, Target
 
 
 class FakePredictor:
@@ -50,28 +42,37 @@ class FakePredictor:
             FakePredictor.set_image_calls += 1
         self.features = image.astype(np.float32).mean(axis=2)  # HxW, 4 bytes/px: what the cache charges
 
-    def _one(self, instruction: str) -> FakePrediction:
+    def _one(self, instruction: str) -> Prediction:
         assert self.features is not None, "set_image first"
         if self.fail_on is not None and self.fail_on in instruction:
             raise RuntimeError("fake model failure")
         h, w = self.features.shape
         if "absent" in instruction:
-            return FakePrediction("Sorry, there is no such thing: [REJ].", np.zeros((1, h, w), bool),
-                                  np.zeros(1, np.float32), [True], ["absent thing"])  # fmt: skip
+            return Prediction(
+                text="Sorry, absent thing:[REJ].",
+                masks=np.zeros((0, h, w), bool),
+                scores=np.zeros(0, np.float32),
+                iou_predictions=np.zeros(0, np.float32),
+                targets=[Target("rej", "absent thing", None)],
+            )
         dark = "dark" in instruction
         mask = self.features < self.features.mean() if dark else self.features >= self.features.mean()
         label = "dark part" if dark else "bright part"
-        return FakePrediction(
-            f"Sure, {label}:[SEG].", mask[None], np.array([0.75], np.float32), [False], [label]
+        return Prediction(
+            text=f"Sure, {label}:[SEG].",
+            masks=mask[None],
+            scores=np.array([0.75], np.float32),
+            iou_predictions=np.array([0.5], np.float32),
+            targets=[Target("seg", label, 0)],
         )
 
-    def predict(self, instruction: str, history: Sequence[Any] | None = None) -> FakePrediction:
+    def predict(self, instruction: str, history: Sequence[Any] | None = None) -> Prediction:
         with FakePredictor.lock:
             FakePredictor.predict_calls += 1
             FakePredictor.histories.append(list(history) if history else None)
         return self._one(instruction)
 
-    def predict_batch(self, instructions: Sequence[str]) -> list[FakePrediction]:
+    def predict_batch(self, instructions: Sequence[str]) -> list[Prediction]:
         with FakePredictor.lock:
             FakePredictor.batch_calls.append(len(instructions))
         return [self._one(text) for text in instructions]

@@ -83,7 +83,7 @@ def test_engine_isolates_a_failing_request_and_passes_history() -> None:
     ]
     results = engine.run(jobs)
     assert isinstance(results[1], RuntimeError)
-    assert results[0].prediction.answer.startswith("Sure")  # type: ignore[union-attr]
+    assert results[0].prediction.text.startswith("Sure")  # type: ignore[union-attr]
     assert results[2].prediction.labels == ["dark part"]  # type: ignore[union-attr]
     turns = [h for h in FakePredictor.histories if h]
     assert [(t.role, t.text) for t in turns[0]] == [("user", "hi"), ("assistant", "Sure, [SEG].")]

@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from reasonseg.inference.predictor import Prediction
 
 __all__ = ["SegmentResult", "TargetResult", "WrittenFiles", "decode_rle", "encode_rle", "write_result"]
 
@@ -99,38 +102,38 @@ class SegmentResult:
     @classmethod
     def from_prediction(
         cls,
-        prediction: Any,
+        prediction: Prediction,
         instruction: str,
         image_hw: tuple[int, int],
         timings_ms: dict[str, float] | None = None,
         model: str | None = None,
     ) -> SegmentResult:
-        """Build from a :class:`reasonseg.inference.predictor.Prediction` (``answer``, ``masks`` [K,H,W],
-        ``scores`` [K], ``rejected`` [K], ``labels`` [K]); masks are checked against ``image_hw``."""
-        rejected = [bool(r) for r in prediction.rejected]
+        """Build from a :class:`reasonseg.inference.predictor.Prediction`: ``text``, ``masks`` bool [K,H,W]
+        and ``scores`` [K] for the K ``[SEG]`` slots, ``targets`` for every slot in answer order (a ``[REJ]``
+        slot has ``mask_index=None``). The masks are checked against ``image_hw``."""
         masks = _as_numpy(prediction.masks).astype(bool)
         scores = _as_numpy(prediction.scores).astype(np.float64).reshape(-1)
-        labels = list(getattr(prediction, "labels", None) or [None] * len(rejected))
-        if masks.ndim != 3 or masks.shape[0] != len(rejected) or tuple(masks.shape[1:]) != tuple(image_hw):
+        n_seg = sum(t.kind == "seg" for t in prediction.targets)
+        if masks.ndim != 3 or masks.shape[0] != n_seg or tuple(masks.shape[1:]) != tuple(image_hw):
             raise ValueError(
-                f"prediction masks have shape {tuple(masks.shape)}; expected [{len(rejected)}, {image_hw[0]}, "
-                f"{image_hw[1]}] (one per target, rejected ones included)"
+                f"prediction masks have shape {tuple(masks.shape)}; expected [{n_seg}, {image_hw[0]}, "
+                f"{image_hw[1]}] (one per [SEG] target)"
             )
-        if len(scores) != len(rejected) or len(labels) != len(rejected):
-            raise ValueError(
-                f"prediction has {len(rejected)} targets but {len(scores)} scores and {len(labels)} labels"
+        if len(scores) != n_seg:
+            raise ValueError(f"prediction has {n_seg} [SEG] targets but {len(scores)} scores")
+        targets = []
+        for i, t in enumerate(prediction.targets):
+            rejected = t.kind != "seg" or t.mask_index is None
+            targets.append(
+                TargetResult(
+                    index=i,
+                    label=t.label or None,
+                    rejected=rejected,
+                    score=None if rejected else float(scores[t.mask_index]),
+                    mask=None if rejected else masks[t.mask_index],
+                )
             )
-        targets = [
-            TargetResult(
-                index=i,
-                label=None if labels[i] in (None, "") else str(labels[i]),
-                rejected=rejected[i],
-                score=None if rejected[i] else float(scores[i]),
-                mask=None if rejected[i] else masks[i],
-            )
-            for i in range(len(rejected))
-        ]
-        return cls(instruction, str(prediction.answer), (int(image_hw[0]), int(image_hw[1])), targets,
+        return cls(instruction, prediction.text, (int(image_hw[0]), int(image_hw[1])), targets,
                    dict(timings_ms or {}), model)  # fmt: skip
 
     @property
