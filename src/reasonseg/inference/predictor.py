@@ -1,0 +1,296 @@
+"""``ReasonSegPredictor``: set an image once, then ask as many questions as you like.
+
+The per-image state lives here, not in the model: ``set_image`` runs the image encoder once and keeps
+the SAM embedding and the LM image tokens; the keys/values of the prompt prefix that ends with the
+image tokens are cached too, so a follow-up question only runs the LM over its own new tokens.
+
+    >>> predictor = ReasonSegPredictor(LisaModel.from_preset("lisa-mobile"))      # doctest: +SKIP
+    >>> predictor.set_image("kitchen.jpg")                                         # doctest: +SKIP
+    >>> p = predictor.predict("What could I use to cut bread?")                    # doctest: +SKIP
+    >>> p.text, p.masks.shape, p.scores, p.rejected                                # doctest: +SKIP
+    ('Sure, it is [SEG].', (1, 480, 640), array([0.83], dtype=float32), [False])
+
+Scores: each mask's score is the mean sigmoid probability over the pixels it covers (its mean
+confidence; 0 for an empty mask). The mask decoder's own IoU prediction is also returned
+(``iou_predictions``); LISA never trained that head, so it is not the default score.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reasonseg.data.conversation import Turn, encode_conversation
+from reasonseg.model.lisa import LisaModel
+from reasonseg.model.outputs import ImageFeatures, MaskPrediction, TargetKind
+
+__all__ = ["Prediction", "ReasonSegPredictor", "Target", "target_labels"]
+
+
+@dataclass
+class Target:
+    """One [SEG]/[REJ] slot of an answer, in answer order.
+
+    Attributes:
+        kind: ``"seg"`` (a mask was produced) or ``"rej"`` (the target is absent: no mask).
+        label: the name written before ``:[SEG]`` in the answer (``"a"`` in ``"a:[SEG]"``), or ``""``.
+        mask_index: index into ``Prediction.masks`` for a ``seg`` slot, None for ``rej``.
+    """
+
+    kind: TargetKind
+    label: str
+    mask_index: int | None
+
+
+@dataclass
+class Prediction:
+    """The answer to one instruction.
+
+    Attributes:
+        text: the generated answer (``[SEG]``/``[REJ]`` kept in place).
+        masks: bool [K,H,W] at the original image size, one per ``[SEG]`` slot (``[REJ]`` slots have none).
+        scores: float32 [K], mean sigmoid probability inside each mask.
+        iou_predictions: float32 [K], the mask decoder's IoU head output.
+        targets: every slot in answer order (``kind``, ``label``, ``mask_index``).
+        history: the conversation including this exchange (pass it back as ``history=`` to continue).
+        logits: float32 [K,H,W] mask logits (None unless ``return_logits``).
+    """
+
+    text: str
+    masks: np.ndarray
+    scores: np.ndarray
+    iou_predictions: np.ndarray
+    targets: list[Target]
+    history: list[Turn] = field(default_factory=list)
+    logits: np.ndarray | None = None
+
+    @property
+    def rejected(self) -> list[bool]:
+        """Per slot, True where the model answered ``[REJ]`` (target absent)."""
+        return [t.kind == "rej" for t in self.targets]
+
+    @property
+    def labels(self) -> list[str]:
+        """The label of each mask (``""`` where the answer names none)."""
+        return [t.label for t in self.targets if t.kind == "seg"]
+
+
+_LEADING = re.compile(
+    r"^(?:sure|yes|ok|okay)?[\s,]*(?:they are|it is|these are|this is|and)?\s*", re.IGNORECASE
+)
+
+
+def target_labels(text: str, slot_tokens: Sequence[str]) -> list[str]:
+    """The name before each slot token: ``"Sure, they are a:[SEG], b c:[REJ] and [SEG]."`` gives
+    ``["a", "b c", ""]`` for slot tokens ``("[SEG]", "[REJ]")``."""
+    pattern = "|".join(re.escape(t) for t in slot_tokens)
+    labels = []
+    start = 0
+    for m in re.finditer(pattern, text):
+        chunk = text[start : m.start()]
+        start = m.end()
+        if not chunk.rstrip().endswith(":"):
+            labels.append("")
+            continue
+        name = re.split(r"[,;.!?\n]", chunk.rstrip()[:-1])[-1]
+        name = re.sub(r"^\s*and\s+", "", name)
+        labels.append(_LEADING.sub("", name).strip() if name.strip() else "")
+    return labels
+
+
+class ReasonSegPredictor:
+    """Reasoning segmentation on one image at a time, with a per-image cache.
+
+    Args:
+        model: a :class:`LisaModel` (switched to eval mode).
+        max_new_tokens: default answer length limit.
+        cache_prefix: keep the keys/values of the prompt prefix that ends with the image tokens.
+    """
+
+    def __init__(self, model: LisaModel, *, max_new_tokens: int = 64, cache_prefix: bool = True) -> None:
+        from reasonseg.data.transforms import SamTransform
+
+        self.model = model.eval()
+        self.transform = SamTransform(model.sam.image_size)
+        self.max_new_tokens = max_new_tokens
+        self.cache_prefix = cache_prefix
+        self._features: ImageFeatures | None = None
+        self._image_hw: tuple[int, int] | None = None
+        self._prefix: tuple[torch.Tensor, Any, int] | None = None
+
+    # ------------------------------------------------------------------------------------------- image
+
+    @torch.no_grad()
+    def set_image(self, image: str | Path | bytes | np.ndarray | Any) -> None:
+        """Load (path, bytes, PIL image or HxWx3 uint8 array), preprocess and encode an image once."""
+        from reasonseg.data.transforms import load_image
+
+        rgb = load_image(image)
+        prepared = self.transform.prepare(rgb)
+        self._features = self.model.encode_images(
+            prepared.pixels[None], [prepared.resized_hw], [prepared.original_hw]
+        )
+        self._image_hw = prepared.original_hw
+        self._prefix = None
+
+    @property
+    def has_image(self) -> bool:
+        return self._features is not None
+
+    def reset_image(self) -> None:
+        """Drop the cached image (frees its embedding and prefix cache)."""
+        self._features = None
+        self._image_hw = None
+        self._prefix = None
+
+    # ------------------------------------------------------------------------------------------ predict
+
+    def _prompt(self, instruction: str, history: Sequence[Any] | None) -> tuple[list[Turn], torch.Tensor]:
+        turns = [t if isinstance(t, Turn) else Turn(t.role, t.text) for t in (history or [])]
+        if turns and turns[-1].role != "assistant":
+            raise ValueError("history must end with an assistant turn")
+        turns.append(Turn("user", instruction))
+        enc = encode_conversation(
+            self.model.tokenizer,
+            self.model.config.template,
+            turns,
+            self.model.num_image_tokens,
+            add_generation_prompt=True,
+        )
+        return turns, enc.input_ids
+
+    def _prefix_for(self, ids: torch.Tensor) -> tuple[Any, int] | None:
+        """The cached keys/values of ``ids``' prefix up to the image tokens (and the token after
+        them when it is the template's image-end token); computed on first use."""
+        if not self.cache_prefix:
+            return None
+        image_pos = (ids == self.model.image_token_id).nonzero().flatten()
+        end = int(image_pos[-1]) + 1
+        tpl = self.model.template
+        if (
+            tpl.image_end
+            and end < len(ids)
+            and int(ids[end]) == self.model.tokenizer.convert_tokens_to_ids(tpl.image_end)
+        ):
+            end += 1
+        if end >= len(ids):
+            return None
+        prefix = ids[:end]
+        if self._prefix is None or not torch.equal(self._prefix[0], prefix):
+            cache, plen = self.model.prefix_cache(prefix, self._features)
+            self._prefix = (prefix, cache, plen)
+        return self._prefix[1], self._prefix[2]
+
+    @torch.no_grad()
+    def predict(
+        self,
+        instruction: str,
+        history: Sequence[Any] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Answer ``instruction`` about the current image.
+
+        Args:
+            instruction: the user's question or request.
+            history: earlier turns (alternating user/assistant, e.g. ``previous.history``) or None.
+            max_new_tokens, do_sample, temperature, top_p, seed: decoding settings (greedy by default).
+            return_logits: also return the float mask logits.
+        """
+        self._require_image()
+        turns, ids = self._prompt(instruction, history)
+        prefix = self._prefix_for(ids)
+        out = self.model.generate(
+            [ids],
+            self._features,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            prefix_cache=prefix,
+        )
+        assert out.masks is not None
+        return self._prediction(out.texts[0], out.masks[0], turns, return_logits)
+
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        instructions: Sequence[str],
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        return_logits: bool = False,
+    ) -> list[Prediction]:
+        """Answer several independent instructions about the current image in one batched decode."""
+        self._require_image()
+        if not instructions:
+            return []
+        prompts = [self._prompt(q, None) for q in instructions]
+        assert self._features is not None
+        out = self.model.generate(
+            [ids for _, ids in prompts],
+            self._features.select([0] * len(prompts)),
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        assert out.masks is not None
+        return [
+            self._prediction(text, masks, turns, return_logits)
+            for text, masks, (turns, _) in zip(out.texts, out.masks, prompts, strict=True)
+        ]
+
+    def _require_image(self) -> None:
+        if self._features is None:
+            raise RuntimeError("no image set: call set_image(image) first")
+
+    def _prediction(
+        self, text: str, masks: MaskPrediction, turns: list[Turn], return_logits: bool
+    ) -> Prediction:
+        assert self._image_hw is not None
+        h, w = self._image_hw
+        slot_tokens = [self.model.config.seg_token] + (
+            [self.model.config.rej_token] if self.model.config.use_rej else []
+        )
+        labels = target_labels(text, slot_tokens)
+        if len(labels) != len(masks.kinds):  # a slot token split by decoding: keep the kinds, drop labels
+            labels = [""] * len(masks.kinds)
+        keep = [i for i, k in enumerate(masks.kinds) if k == "seg"]
+        logits = masks.logits[keep].float().cpu()  # [K,H,W]
+        binary = logits > 0
+        prob = torch.sigmoid(logits)
+        area = binary.flatten(1).sum(1)
+        scores = torch.where(
+            area > 0,
+            (prob * binary).flatten(1).sum(1) / area.clamp(min=1),
+            torch.zeros_like(area, dtype=prob.dtype),
+        )
+        targets: list[Target] = []
+        for i, (kind, label) in enumerate(zip(masks.kinds, labels, strict=True)):
+            targets.append(Target(kind, label, keep.index(i) if kind == "seg" else None))
+        return Prediction(
+            text=text,
+            masks=binary.numpy().reshape(len(keep), h, w),
+            scores=scores.numpy().astype(np.float32),
+            iou_predictions=masks.iou_pred[keep].float().cpu().numpy(),
+            targets=targets,
+            history=[*turns, Turn("assistant", text)],
+            logits=logits.numpy() if return_logits else None,
+        )

@@ -1,0 +1,259 @@
+"""The LISA/GSVA model at tiny sizes: configs, the one-before rule, forward, KV-cached generate, save/load."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_tiny_helpers import prompt_ids, random_pixels, single_thread, tiny_model, train_to_answer
+from reasonseg.data.conversation import Turn, encode_conversation
+from reasonseg.model import LisaConfig, LisaModel
+from reasonseg.model.config import PRESETS, ProjectorConfig
+from reasonseg.model.delta import DeltaError, apply_delta, compute_delta
+from reasonseg.model.mllm import positions_from_mask
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[LisaModel, object]:
+    """A tiny GSVA model overfitted to answer 'Sure, a:[SEG], b:[REJ], c:[SEG].' on two images."""
+    with single_thread():
+        model = tiny_model("gsva-7b")
+        feats = model.encode_images(random_pixels(model, n=2, seed=1), original_hw=[(40, 56), (37, 29)])
+        train_to_answer(model, feats.select([0]))
+        return model, feats
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_tiny_and_round_trips_its_config(name: str, tmp_path: Path) -> None:
+    model = LisaModel.from_preset(name, tiny=True)
+    cfg = model.config
+    assert cfg.tiny and cfg.name == name
+    assert cfg.lm.hf_config["vocab_size"] == model.mllm.lm.get_input_embeddings().num_embeddings
+    cfg.save(tmp_path / "c.json")
+    assert LisaConfig.load(tmp_path / "c.json") == cfg
+    big = LisaConfig.from_preset(name)
+    assert big.projector.out_dim == big.lm.hidden_size
+    assert big.num_image_tokens == (256 if big.vision.kind == "clip" else 64)
+
+
+def test_official_layouts_match_the_papers() -> None:
+    c7 = LisaConfig.from_preset("lisa-7b-v1")
+    assert (c7.lm.hidden_size, c7.vision.clip["hidden_size"], c7.vision.select_layer) == (4096, 1024, -2)
+    assert (c7.projector.kind, c7.sam.name, c7.head.out_dim, c7.use_rej) == ("linear", "vit_h", 256, False)
+    assert LisaConfig.from_preset("lisa-13b-llama2-v1").lm.hidden_size == 5120
+    assert LisaConfig.from_preset("gsva-7b").use_rej
+    mobile = LisaConfig.from_preset("lisa-mobile")
+    assert (mobile.vision.kind, mobile.sam.name, mobile.lm.pretrained, mobile.template) == (
+        "sam",
+        "vit_t",
+        "smollm2",
+        "chatml",
+    )
+
+
+def test_config_validation_names_the_field() -> None:
+    cfg = LisaConfig.from_preset("lisa-mobile", tiny=True).to_dict()
+    cfg["projector"] = {"kind": "mlp2x_gelu", "in_dim": 7, "out_dim": 64}
+    with pytest.raises(ValueError, match=r"projector\.in_dim"):
+        LisaConfig.from_dict(cfg)
+    with pytest.raises(ValueError, match=r"projector\.kind"):
+        ProjectorConfig("conv", 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown fields"):
+        LisaConfig.from_dict({"nope": 1})
+    with pytest.raises(KeyError, match="unknown preset"):
+        LisaConfig.from_preset("lisa-70b")
+
+
+# ------------------------------------------------------------------------------------ forward / rules
+
+
+def test_placeholder_count_mismatch_is_a_clear_error() -> None:
+    model = tiny_model("lisa-mobile")
+    ids = prompt_ids(model, "hi")[None]
+    feats = model.encode_images(random_pixels(model))
+    with pytest.raises(ValueError, match="placeholder count mismatch"):
+        model(
+            input_ids=ids[:, 3:-3].clone().index_fill_(1, torch.tensor([0]), model.image_token_id),
+            images=feats,
+        )
+    short = ids[ids != model.image_token_id][None]
+    with pytest.raises(ValueError, match="no image features"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="placeholder count mismatch"):
+        model(input_ids=short, images=feats)
+
+
+def test_mask_embedding_is_taken_one_position_before_each_slot(trained) -> None:
+    model, feats = trained
+    enc = encode_conversation(
+        model.tokenizer,
+        model.config.template,
+        [Turn("user", "Find them."), Turn("assistant", "Sure, a:[SEG], b:[REJ], c:[SEG].")],
+        model.num_image_tokens,
+    )
+    out = model(input_ids=enc.input_ids[None], images=feats.select([0]))
+    pos = out.slot_positions[0]
+    assert [model.tokenizer.convert_ids_to_tokens(int(enc.input_ids[p])) for p in pos] == [
+        "[SEG]",
+        "[REJ]",
+        "[SEG]",
+    ]
+    assert out.kinds[0] == ["seg", "rej", "seg"]
+    expected = model.text_hidden_fcs(out.hidden_states[0, pos - 1])
+    torch.testing.assert_close(out.seg_embeddings[0], expected)
+    # The hidden state AT the slot would be a different vector: the rule matters.
+    assert not torch.allclose(model.text_hidden_fcs(out.hidden_states[0, pos]), expected)
+    assert out.masks is not None and out.masks[0].logits.shape == (3, 40, 56)
+    # The overfitted model predicts [REJ] exactly at the middle slot (GSVA's teacher-forced decision).
+    assert out.predicted_rej[0].tolist() == [False, True, False]
+    # The mask of a slot is SAM's decoding of that embedding with the no-mask dense prompt.
+    direct = model.decode_masks(
+        out.hidden_states[0, pos - 1], feats.sam_embeddings[:1], feats.resized_hw[0], (40, 56), out.kinds[0]
+    )
+    torch.testing.assert_close(direct.logits, out.masks[0].logits)
+
+
+def test_left_and_right_padding_give_the_same_forward(trained) -> None:
+    model, feats = trained
+    a = prompt_ids(model, "Segment the cat.")
+    b = prompt_ids(model, "x")
+    t = len(a)
+    right = torch.full((2, t), model.pad_token_id)
+    left = torch.full((2, t), model.pad_token_id)
+    right[0], left[0] = a, a
+    right[1, : len(b)], left[1, t - len(b) :] = b, b
+    mr = (torch.arange(t) < len(b)).long()
+    ml = torch.flip(mr, [0])
+    mask_r = torch.stack([torch.ones(t, dtype=torch.long), mr])
+    mask_l = torch.stack([torch.ones(t, dtype=torch.long), ml])
+    assert positions_from_mask(mask_l)[1, -1] == len(b) - 1
+    out_r = model(input_ids=right, attention_mask=mask_r, images=feats, decode_masks=False)
+    out_l = model(input_ids=left, attention_mask=mask_l, images=feats, decode_masks=False)
+    torch.testing.assert_close(out_r.logits[1, : len(b)], out_l.logits[1, t - len(b) :], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+def _assert_same_generation(x, y, atol: float = 1e-4) -> None:
+    assert [s.tolist() for s in x.sequences] == [s.tolist() for s in y.sequences]
+    assert x.texts == y.texts and x.kinds == y.kinds
+    for mx, my in zip(x.masks, y.masks, strict=True):
+        torch.testing.assert_close(mx.logits, my.logits, atol=atol, rtol=1e-4)
+        assert torch.equal(mx.logits > 0, my.logits > 0) or (mx.logits - my.logits).abs().max() < atol
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_kv_cached_generate_equals_the_uncached_reference_loop(trained, sample: bool) -> None:
+    model, feats = trained
+    kw = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "seed": 3} if sample else {}
+    prompts = [prompt_ids(model, "Segment the cat."), prompt_ids(model, "Where is the dog, if any?")]
+    cached = model.generate(prompts, feats, max_new_tokens=24, **kw)
+    uncached = model.generate(prompts, feats, max_new_tokens=24, use_cache=False, **kw)
+    _assert_same_generation(cached, uncached)
+    assert cached.kinds[0] == ["seg", "rej", "seg"]  # the trained answer, with its three slots
+    assert cached.masks[0].logits.shape == (3, 40, 56) and cached.masks[1].logits.shape[1:] == (37, 29)
+
+
+def test_batch_of_four_different_lengths_equals_one_at_a_time(trained) -> None:
+    model, feats = trained
+    questions = [
+        "Segment the cat.",
+        "?",
+        "Where is the dog in this picture, if there is one at all?",
+        "What is here?",
+    ]
+    prompts = [prompt_ids(model, q) for q in questions]
+    assert len({len(p) for p in prompts}) == 4
+    images = feats.select([0, 1, 1, 0])
+    batch = model.generate(prompts, images, max_new_tokens=20)
+    for i, p in enumerate(prompts):
+        single = model.generate([p], images.select([i]), max_new_tokens=20)
+        assert single.sequences[0].tolist() == batch.sequences[i].tolist(), questions[i]
+        assert single.kinds[0] == batch.kinds[i]
+        torch.testing.assert_close(single.masks[0].logits, batch.masks[i].logits, atol=1e-4, rtol=1e-4)
+    assert any(len(k) > 0 for k in batch.kinds)
+
+
+def test_sampling_is_reproducible_with_a_seed(trained) -> None:
+    model, feats = trained
+    p = [prompt_ids(model, "What?")]
+    kw = {"do_sample": True, "temperature": 1.5, "max_new_tokens": 12}
+    a = model.generate(p, feats.select([0]), seed=7, **kw)
+    b = model.generate(p, feats.select([0]), seed=7, **kw)
+    assert a.sequences[0].tolist() == b.sequences[0].tolist()
+
+
+def test_prefix_cache_gives_the_same_answer(trained) -> None:
+    model, feats = trained
+    ids = prompt_ids(model, "Segment the cat.")
+    first_image = int((ids == model.image_token_id).nonzero()[0])
+    plen = first_image + model.num_image_tokens + 1
+    cache = model.prefix_cache(ids[:plen], feats.select([0]))
+    with_prefix = model.generate([ids], feats.select([0]), prefix_cache=cache)
+    plain = model.generate([ids], feats.select([0]))
+    _assert_same_generation(with_prefix, plain)
+    again = model.generate([ids], feats.select([0]), prefix_cache=cache)  # the cache was not consumed
+    _assert_same_generation(again, plain)
+
+
+def test_clip_tower_uses_the_selected_layer_without_cls() -> None:
+    model = tiny_model("lisa-7b-v1")
+    tower = model.mllm.vision_tower
+    x = torch.randn(2, 3, tower.image_size, tower.image_size)
+    feats = tower(x)
+    ref = tower.clip(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(feats, ref)
+    assert feats.shape[1] == model.num_image_tokens
+
+
+# ----------------------------------------------------------------------------------------- save/load
+
+
+def test_full_save_and_load_round_trip(trained, tmp_path: Path) -> None:
+    model, feats = trained
+    model.save_pretrained(tmp_path / "m")
+    loaded = LisaModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    p = [prompt_ids(model, "Segment the cat.")]
+    _assert_same_generation(
+        model.generate(p, feats.select([0])), loaded.generate(p, feats.select([0])), atol=1e-6
+    )
+
+
+def test_delta_encoding_stores_rows_and_low_rank_updates_exactly() -> None:
+    base = tiny_model("lisa-mobile")
+    model = tiny_model("lisa-mobile")
+    model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        emb = model.mllm.lm.get_input_embeddings().weight
+        emb[-3:] += 1.0  # new token rows
+        q = model.mllm.lm.model.layers[0].self_attn.q_proj.weight
+        q += torch.randn(q.shape[0], 4) @ torch.randn(4, q.shape[1]) * 0.01  # a merged rank-4 LoRA
+        model.text_hidden_fcs[0].weight.mul_(2)
+    delta = compute_delta(model, base, base_prefixes=["mllm.lm.", "sam."])
+    kinds = {k.split("/")[0] for k in delta}
+    assert any(k.startswith("rows/mllm.lm.model.embed_tokens.weight") for k in delta)
+    assert any(k.startswith("lowrank/mllm.lm.model.layers.0.self_attn.q_proj.weight") for k in delta)
+    assert not any(k.startswith("full/sam.") for k in delta)  # unchanged base weights are not stored
+    assert kinds == {"rows", "lowrank", "full"}
+    restored = tiny_model("lisa-mobile")
+    restored.load_state_dict(base.state_dict())
+    counts = apply_delta(restored, delta)
+    assert counts["rows"] >= 1 and counts["lowrank"] == 1
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
+    with pytest.raises(DeltaError, match="not a tensor of the model"):
+        apply_delta(restored, {"full/nope.weight": torch.zeros(1)})

@@ -1,0 +1,107 @@
+"""ReasonSegPredictor on tiny models: one encoder pass per image, targets and rejections, history."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from lisa_tiny_helpers import single_thread, tiny_model, train_to_answer
+from reasonseg.inference.predictor import ReasonSegPredictor, target_labels
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module", params=["gsva-7b", "lisa-mobile"])
+def predictor(request) -> ReasonSegPredictor:
+    """A tiny model trained to answer 'Sure, a:[SEG], b:[REJ], c:[SEG].' about one photo-sized image."""
+    with single_thread():
+        model = tiny_model(request.param)
+        pred = ReasonSegPredictor(model, max_new_tokens=24)
+        pred.set_image(_image())
+        train_to_answer(model, pred._features)
+        return pred
+
+
+def _image() -> np.ndarray:
+    return (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
+
+
+def test_n_instructions_run_the_image_encoder_exactly_once(predictor: ReasonSegPredictor) -> None:
+    calls = []
+    encoder = predictor.model.sam.image_encoder
+    handle = encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        predictor.set_image(_image())
+        results = [
+            predictor.predict(q)
+            for q in ["Segment the cat.", "What is here?", "Anything else?", "Find a, b and c please."]
+        ]
+        results += predictor.predict_batch(["What is here?", "More?"])
+        predictor.predict("And now?", history=results[0].history)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert all(r.masks.shape[1:] == (90, 120) for r in results)
+
+
+def test_seg_rej_seg_gives_two_masks_and_one_rejection_in_order(predictor: ReasonSegPredictor) -> None:
+    pred = predictor.predict("Segment the cat.")
+    assert pred.text == "Sure, a:[SEG], b:[REJ], c:[SEG]."
+    assert [t.kind for t in pred.targets] == ["seg", "rej", "seg"]
+    assert pred.rejected == [False, True, False]
+    assert pred.masks.shape == (2, 90, 120) and pred.masks.dtype == bool
+    assert pred.scores.shape == (2,) and pred.iou_predictions.shape == (2,)
+    assert [t.label for t in pred.targets] == ["a", "b", "c"] and pred.labels == ["a", "c"]
+    assert [t.mask_index for t in pred.targets] == [0, None, 1]
+    # score = mean sigmoid over the mask's pixels
+    logits = predictor.predict("Segment the cat.", return_logits=True).logits
+    assert logits is not None
+    for k in range(2):
+        inside = logits[k][pred.masks[k]]
+        expected = float(torch.sigmoid(torch.from_numpy(inside)).mean()) if inside.size else 0.0
+        assert pred.scores[k] == pytest.approx(expected, abs=1e-5)
+
+
+def test_prefix_cache_and_batch_give_the_same_answers_as_plain_predict(predictor: ReasonSegPredictor) -> None:
+    questions = ["Segment the cat.", "Where is the dog, if there is one?", "?"]
+    cached = [predictor.predict(q) for q in questions]
+    plain = ReasonSegPredictor(predictor.model, max_new_tokens=24, cache_prefix=False)
+    plain.set_image(_image())
+    batch = predictor.predict_batch(questions)
+    for q, a, b in zip(questions, cached, batch, strict=True):
+        c = plain.predict(q)
+        assert a.text == b.text == c.text, q
+        assert np.array_equal(a.masks, c.masks) and a.masks.shape == b.masks.shape
+
+
+def test_history_is_kept_across_turns(predictor: ReasonSegPredictor) -> None:
+    first = predictor.predict("Segment the cat.")
+    assert [t.role for t in first.history] == ["user", "assistant"]
+    second = predictor.predict("And the dog?", history=first.history)
+    assert [t.text for t in second.history[:2]] == ["Segment the cat.", first.text]
+    assert len(second.history) == 4
+    with pytest.raises(ValueError, match="must end with an assistant turn"):
+        predictor.predict("x", history=second.history[:-1])
+
+
+def test_predict_without_an_image_is_an_error() -> None:
+    pred = ReasonSegPredictor(tiny_model("lisa-mobile"))
+    with pytest.raises(RuntimeError, match="set_image"):
+        pred.predict("hi")
+
+
+def test_target_labels_parse_gsva_answers() -> None:
+    slots = ["[SEG]", "[REJ]"]
+    assert target_labels("Sure, they are the red car:[SEG], a dog:[REJ] and man:[SEG].", slots) == [
+        "the red car",
+        "a dog",
+        "man",
+    ]
+    assert target_labels("Sure, it is [SEG].", slots) == [""]
