@@ -1,5 +1,7 @@
 """The typed sample every reader produces, and the errors readers raise.
 
+(``Turn`` is re-exported from :mod:`reasonseg.data.conversation`.)
+
 A :class:`Sample` is one training/eval example: an image (a path, decoded lazily, or an HxWx3 uint8 array),
 the conversation turns, the target masks in the order of the ``[SEG]``/``[REJ]`` slots of the answer, an
 optional ignore mask, and where it came from.
@@ -14,6 +16,20 @@ from typing import Literal
 
 import numpy as np
 
+from reasonseg.data.conversation import Turn  # the one conversation-turn type of the toolkit
+
+__all__ = [
+    "SAMPLE_KINDS",
+    "DataError",
+    "Sample",
+    "SampleKind",
+    "TargetKind",
+    "Turn",
+    "image_size",
+    "read_rgb",
+    "stack_masks",
+]
+
 SampleKind = Literal["semantic", "referring", "reasoning", "vqa", "gres"]
 SAMPLE_KINDS: tuple[str, ...] = ("semantic", "referring", "reasoning", "vqa", "gres")
 TargetKind = Literal["seg", "rej"]
@@ -26,18 +42,6 @@ class DataError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One conversation turn. ``role`` is ``"user"`` or ``"assistant"``; the first user turn holds ``<image>``."""
-
-    role: Literal["user", "assistant"]
-    text: str
-
-    def __post_init__(self) -> None:
-        if self.role not in ("user", "assistant"):
-            raise ValueError(f"Turn.role must be 'user' or 'assistant', got {self.role!r}")
 
 
 @dataclass

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from reasonseg.data.samples import TargetKind, Turn
+from reasonseg.data.conversation import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, Turn
+from reasonseg.data.samples import TargetKind
 
-IMAGE_TOKEN = "<image>"
-SEG_TOKEN = "[SEG]"
-REJ_TOKEN = "[REJ]"
+__all__ = ["IMAGE_TOKEN", "REJ_TOKEN", "SEG_TOKEN", "answer", "count_slots", "question", "seg_turns"]
 
 SHORT_QUESTIONS: tuple[str, ...] = (
     "Can you segment the {class_name} in this image?",

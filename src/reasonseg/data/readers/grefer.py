@@ -10,7 +10,9 @@ On disk::
 ``ann_id == [-1]`` (or an empty list, or ``no_target: true``) means the expression has no target in the
 image: the answer gets a ``[REJ]`` slot and an all-zero mask. Splits: train / val / testA / testB.
 With ``per_instance=True`` every annotation is its own ``[SEG]`` target, in the order of ``ann_id``;
-otherwise (GSVA's evaluation) the annotations are merged into one mask.
+otherwise (GSVA's evaluation) the annotations are merged into one mask. A ref may carry
+``synth.explanation`` (the synthetic world's reason for a knowledge query); in train mode it is appended
+to the answer with probability ``explanatory_rate``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class GRefCocoReader(Reader):
         *,
         refs_file: str = "grefs(unc).json",
         per_instance: bool = True,
+        explanatory_rate: float = 0.1,
         mode: ReadMode = "train",
         seed: int = 0,
         skip_malformed: bool = False,
@@ -58,6 +61,9 @@ class GRefCocoReader(Reader):
         self.image_root = Path(image_root)
         self.split = split
         self.per_instance = per_instance
+        if not 0.0 <= explanatory_rate <= 1.0:
+            raise ValueError(f"explanatory_rate must be in [0, 1], got {explanatory_rate}")
+        self.explanatory_rate = explanatory_rate
         self.refs_path = self.root / refs_file
         refs = read_json(self.refs_path)
         if not isinstance(refs, list):
@@ -120,7 +126,14 @@ class GRefCocoReader(Reader):
         else:
             stack = np.any(np.stack(masks), axis=0)[None].astype(np.uint8)
             kinds = ["seg"]
-        turns = templates.seg_turns(text, kinds, is_sentence=is_sentence(text), rng=rng)
+        # The synthetic world stores a reason with its knowledge queries; real gRefCOCO has none.
+        extra = ref.get("synth") if isinstance(ref.get("synth"), dict) else {}
+        explanation = extra.get("explanation") if masks else None
+        if not (isinstance(explanation, str) and rng is not None and rng.random() < self.explanatory_rate):
+            explanation = None
+        turns = templates.seg_turns(
+            text, kinds, is_sentence=is_sentence(text), explanation=explanation, rng=rng
+        )
         return Sample(
             image=path,
             image_id=f"{self.source}/{im['id']}",
@@ -130,5 +143,11 @@ class GRefCocoReader(Reader):
             source=self.source,
             target_kinds=kinds,
             target_texts=[text] * len(kinds),
-            meta={"split": self.split, "ref_id": ref_id, "ann_ids": ann_ids, **ref.get("synth", {})},
+            meta={
+                "split": self.split,
+                "ref_id": ref_id,
+                "ann_ids": ann_ids,
+                "explanatory": explanation is not None,
+                **extra,
+            },
         )

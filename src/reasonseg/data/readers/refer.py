@@ -2,9 +2,9 @@
 
 On disk::
 
-    ROOT/<dataset>/refs(<split_by>).p   pickle: [{"ref_id", "ann_id": int, "image_id", "split",
+    ROOT/refs(<split_by>).p   pickle: [{"ref_id", "ann_id": int, "image_id", "split",
                                                  "sentences": [{"sent", ...}], "category_id", ...}]
-    ROOT/<dataset>/instances.json       COCO instances (polygons or RLE)
+    ROOT/instances.json       COCO instances (polygons or RLE)
     IMAGE_ROOT/<file_name>              COCO train2014 images (refCLEF: saiapr_tc-12)
 
 LISA's splits: refcoco/refcoco+ "unc", refcocog "umd", refclef "unc". Each ref has one target; in
@@ -42,13 +42,14 @@ def read_refs_pickle(path: Path) -> list[dict[str, Any]]:
     return refs
 
 
-class ReferReader(Reader):
+class RefCocoReader(Reader):
     """REFER-format reader -> ``kind="referring"`` samples with one target mask.
 
     Args:
-        root: folder holding ``refcoco/``, ``refcoco+/``, ``refcocog/``, ``refclef/``.
-        dataset: one of those names.
+        root: the dataset folder (``.../refer_seg/refcoco``) holding ``refs(<split_by>).p`` and
+            ``instances.json``.
         image_root: folder of the images the ``file_name`` entries point into.
+        dataset: "refcoco", "refcoco+", "refcocog" or "refclef".
         split: "train", "val", "testA", "testB" (unc) or "train", "val", "test" (umd).
         split_by: "unc", "umd", "google", ...; default as in LISA.
     """
@@ -56,10 +57,10 @@ class ReferReader(Reader):
     def __init__(
         self,
         root: str | Path,
-        dataset: str,
         image_root: str | Path,
         split: str = "train",
         *,
+        dataset: str = "refcoco",
         split_by: str | None = None,
         mode: ReadMode = "train",
         seed: int = 0,
@@ -72,7 +73,7 @@ class ReferReader(Reader):
         self.dataset = dataset
         self.split = split
         self.image_root = Path(image_root)
-        folder = Path(root) / dataset
+        folder = Path(root)
         self.refs_path = folder / f"refs({split_by or DEFAULT_SPLIT_BY[dataset]}).p"
         refs = read_refs_pickle(self.refs_path)
         self.coco = CocoInstances(folder / "instances.json")
