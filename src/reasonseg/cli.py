@@ -125,10 +125,91 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from reasonseg.serving.loading import DEFAULT_MODEL
+
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a preset name (e.g. lisa-mobile) or a model directory; default {DEFAULT_MODEL!r}: the "
+        "trained lisa-mobile, or the untrained preset with a warning while it is not available",
+    )
+    p.add_argument("--tiny", action="store_true", help="tiny random weights of the preset (testing only)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (tokens)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="answer one instruction about an image; write overlay, masks, JSON")
+    p.add_argument("image", help="image file (JPEG, PNG, ...)")
+    p.add_argument("instruction", help='what to segment, e.g. "what could I use to cut bread?"')
+    p.add_argument("--out", default="out/segment", help="output directory (default: out/segment)")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from reasonseg.serving.commands import run_segment
+
+        return run_segment(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="multi-turn terminal session on one image (saves each turn's masks)")
+    p.add_argument("image", help="image file")
+    p.add_argument(
+        "--out", default="out/chat", help="output directory for turnNN_* files (default: out/chat)"
+    )
+    p.add_argument("--max-turns", type=int, default=1000, help="leave after this many prompts")
+    p.add_argument("--max-history", type=int, default=8, help="previous exchanges kept as context")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from reasonseg.serving.commands import run_chat
+
+        return run_chat(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP API (POST /v1/segment) and web page on one port")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token",
+        default=None,
+        help="require 'Authorization: Bearer TOKEN' (or set REASONSEG_SERVE_TOKEN, which ps cannot see)",
+    )
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests run through the model together")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument(
+        "--cache-mb", type=float, default=512, help="memory for encoded images shared across requests"
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets a 504")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file")
+    p.add_argument(
+        "--max-pixels", type=int, default=24_000_000, help="largest accepted image (width x height)"
+    )
+    p.add_argument("--max-instruction-chars", type=int, default=2000)
+    p.add_argument("--no-page", action="store_true", help="API only, no web page")  # fmt: skip
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from reasonseg.serving.commands import run_serve
+
+        return run_serve(args)
+
+    p.set_defaults(func=run)
+
+
 _BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fetch,
     _add_eval,
     _add_synth,
+    _add_segment,
+    _add_chat,
+    _add_serve,
 ]
 
 

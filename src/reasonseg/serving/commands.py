@@ -1,0 +1,142 @@
+"""Runners of ``reasonseg segment``, ``reasonseg chat`` and ``reasonseg serve`` (parsers live in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["run_chat", "run_segment", "run_serve"]
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from reasonseg.serving.loading import load_model
+
+    loaded = load_model(args.model, tiny=args.tiny, progress=not args.quiet)
+    if not args.quiet:
+        print(f"model: {loaded.name} ({loaded.source}, {loaded.seconds:.1f} s)", file=sys.stderr)
+    return loaded
+
+
+def _read_image(path: str):  # type: ignore[no-untyped-def]
+    from reasonseg.data.transforms import load_image
+
+    return load_image(Path(path))
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """One image, one instruction: print the answer, write overlay, masks and JSON to ``--out``."""
+    from reasonseg.inference.outputs import SegmentResult, write_result
+    from reasonseg.inference.predictor import ReasonSegPredictor
+
+    image = _read_image(args.image)
+    loaded = _load(args)
+    predictor = ReasonSegPredictor(loaded.model, max_new_tokens=args.max_new_tokens)
+    t0 = time.perf_counter()
+    predictor.set_image(image)
+    t1 = time.perf_counter()
+    prediction = predictor.predict(args.instruction)
+    t2 = time.perf_counter()
+    result = SegmentResult.from_prediction(
+        prediction, args.instruction, image.shape[:2],
+        timings_ms={"load_model": loaded.seconds * 1e3, "encode_image": (t1 - t0) * 1e3, "predict": (t2 - t1) * 1e3},
+        model=loaded.name,
+    )  # fmt: skip
+    files = write_result(args.out, image, result)
+    print(result.summary())
+    print(f"wrote {files.overlay}, {len(files.masks)} mask PNG(s) and {files.json}", file=sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """A multi-turn terminal session on one image; every turn's masks are saved as ``turnNN_*``.
+
+    Commands: ``/reset`` forgets the history, ``/quit`` (or end of input) leaves.
+    """
+    from reasonseg.inference.outputs import SegmentResult, write_result
+    from reasonseg.inference.predictor import ReasonSegPredictor
+
+    fin, fout = stdin or sys.stdin, stdout or sys.stdout
+    image = _read_image(args.image)
+    loaded = _load(args)
+    predictor = ReasonSegPredictor(loaded.model, max_new_tokens=args.max_new_tokens)
+    t0 = time.perf_counter()
+    predictor.set_image(image)
+    say: Callable[[str], None] = lambda text: print(text, file=fout, flush=True)  # noqa: E731
+    say(f"image {args.image} ({image.shape[1]}x{image.shape[0]}) encoded in {time.perf_counter() - t0:.1f} s; "
+        "type an instruction, /reset to start over, /quit to leave")  # fmt: skip
+    history = None
+    turn = 0
+    for _ in range(args.max_turns):
+        print("you> ", end="", file=fout, flush=True)
+        line = fin.readline()
+        if not line:
+            say("")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            history = None
+            say("(history cleared)")
+            continue
+        turn += 1
+        t1 = time.perf_counter()
+        prediction = predictor.predict(text, history=history)
+        history = prediction.history[-2 * args.max_history :] if args.max_history else None
+        result = SegmentResult.from_prediction(
+            prediction, text, image.shape[:2], timings_ms={"predict": (time.perf_counter() - t1) * 1e3},
+            model=loaded.name,
+        )  # fmt: skip
+        files = write_result(args.out, image, result, stem=f"turn{turn:02d}_")
+        say("model> " + result.summary().replace("\n", "\n       "))
+        say(f"       (saved {files.overlay.name}, {len(files.masks)} mask(s) in {args.out})")
+    else:
+        say(f"(stopping after {args.max_turns} turns)")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the API + web page with uvicorn (loopback unless ``--host`` says otherwise)."""
+    import os
+
+    import uvicorn
+
+    from reasonseg.inference.predictor import ReasonSegPredictor
+    from reasonseg.serving.app import create_app
+    from reasonseg.serving.settings import ServeSettings
+
+    token = args.token or os.environ.get("REASONSEG_SERVE_TOKEN") or None
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        token=token,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+        max_instruction_chars=args.max_instruction_chars,
+        request_timeout_s=args.timeout,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        cache_bytes=int(args.cache_mb * 2**20),
+        enable_page=not args.no_page,
+    ).with_env()
+    if not settings.is_loopback and settings.token is None:
+        print(f"warning: listening on {settings.host} without a token: anyone who can reach this machine can "
+              "use the model (set --token or REASONSEG_SERVE_TOKEN)", file=sys.stderr)  # fmt: skip
+    loaded = _load(args)
+    model = loaded.model
+    max_new = args.max_new_tokens
+    app = create_app(
+        lambda: ReasonSegPredictor(model, max_new_tokens=max_new), settings, model_name=loaded.name
+    )
+    print(
+        f"serving {loaded.name} on http://{settings.host}:{settings.port}/ (API docs at /docs)",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning" if args.quiet else "info")
+    return 0
