@@ -8,6 +8,7 @@ every DataLoader worker and process, and a resumed run sees the same stream.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,11 +108,8 @@ class MixtureDataset:
             j = int(rng.integers(len(d)))
             getter = getattr(d, "get", None)
             sample = getter(j, epoch) if callable(getter) else d[j]
-            if sample is not None:
-                meta = dict(sample.meta)
-                meta["mixture_source"] = self.names[s]
-                sample.meta = meta
-                return sample
+            if sample is not None:  # a copy: never mutate a sample a list-backed source holds
+                return dataclasses.replace(sample, meta={**sample.meta, "mixture_source": self.names[s]})
         raise DataError(self.names[s], f"{MAX_REDRAWS} draws in a row hit skipped (malformed) records")
 
     def __getitem__(self, index: int) -> Sample:
