@@ -90,6 +90,33 @@ def write_grefcoco(root: Path) -> Path:
     return root
 
 
+def write_refcoco(root: Path) -> Path:
+    """LISA's refer_seg layout: refcoco/refs(unc).p + instances.json, images under images/mscoco/images/train2014."""
+    import pickle
+
+    folder, images = root / "refcoco", root / "images" / "mscoco" / "images" / "train2014"
+    folder.mkdir(parents=True)
+    images.mkdir(parents=True)
+    Image.fromarray(np.full((16, 20, 3), 128, np.uint8)).save(images / "COCO_1.jpg", quality=95)
+    instances = {
+        "images": [{"id": 1, "file_name": "COCO_1.jpg", "height": 16, "width": 20}],
+        "annotations": [
+            {"id": 5, "image_id": 1, "segmentation": [[0, 0, 10, 0, 10, 8, 0, 8]], "category_id": 1},
+            {"id": 6, "image_id": 1, "segmentation": [[12, 4, 20, 4, 20, 16, 12, 16]], "category_id": 1},
+        ],
+    }
+    refs = [
+        {"ref_id": 7, "ann_id": 5, "image_id": 1, "split": "val",
+         "sentences": [{"sent": "Top Left Box"}, {"sent": "the grey one"}]},
+        {"ref_id": 8, "ann_id": 6, "image_id": 1, "split": "val", "sentences": [{"sent": "right box"}]},
+        {"ref_id": 9, "ann_id": 6, "image_id": 1, "split": "testA", "sentences": [{"sent": "not in val"}]},
+    ]  # fmt: skip
+    (folder / "instances.json").write_text(json.dumps(instances))
+    with open(folder / "refs(unc).p", "wb") as fh:
+        pickle.dump(refs, fh, protocol=2)
+    return folder
+
+
 class OracleSegmenter:
     """Returns the ground truth (optionally wrong at chosen slots) with correct [REJ] decisions."""
 
@@ -190,3 +217,24 @@ def test_grefcoco_protocol_groups_expressions_per_image(tmp_path: Path) -> None:
     # the wrongly kept slot predicted the whole image: its area inflates the union sum
     assert m["union"] == (7 * 7 + 10 * 10) + 20 * 30 + 9 * 6
     assert m["ciou"] == pytest.approx(m["intersection"] / m["union"], abs=1e-12)
+
+
+def test_refcoco_protocol_one_item_per_sentence(tmp_path: Path) -> None:
+    proto = build_protocol(f"refcoco:{write_refcoco(tmp_path / 'refer_seg')}:unc:val")
+    assert proto.name == "refcoco(unc)/val" and not proto.rules.rejection
+    assert [(it.key, it.query) for it in proto.items] == [
+        ("7-0", "top left box"),
+        ("7-1", "the grey one"),
+        ("8-0", "right box"),
+    ]
+    s = proto.items[0].load()
+    assert s.turns[0].text == "<image>\n What is top left box in this image? Please output segmentation mask."
+    assert s.turns[1].text == "[SEG]." and s.masks.shape == (1, 16, 20) and s.masks[0].sum() == 10 * 8
+    seg = OracleSegmenter(wrong=[("8-0", 0)])
+    res = run_evaluation(
+        seg, proto.items, proto.rules, RunConfig(tmp_path / "out", "teacher-forced", progress=False)
+    )
+    m = res.summary["metrics"]["overall"]
+    # two perfect sentences (I = U = 80), one complement prediction (I = 0, U = 320): cIoU is a ratio of sums
+    assert m["giou"] == pytest.approx(2 / 3, abs=1e-6)
+    assert (m["intersection"], m["union"]) == (160, 160 + 16 * 20)

@@ -236,13 +236,21 @@ def _grefcoco(spec: DataSpec) -> EvalProtocol:
 
         return load
 
-    items = [EvalItem(key=f"{image_id}", sample=make_loader(idx)) for image_id, idx in by_image.items()]
+    def query_of(i: int) -> str:
+        ri, si = reader.index[i]
+        sents = reader.refs[ri].get("sentences") or [{}]
+        return str(sents[max(si, 0)].get("sent", "")).strip().lower()
+
+    items = [
+        EvalItem(key=f"{image_id}", sample=make_loader(idx), query=" | ".join(query_of(i) for i in idx))
+        for image_id, idx in by_image.items()
+    ]
     return EvalProtocol(f"grefcoco/{spec.split}", spec, GSVA_RULES, (), items)
 
 
 def _refer(spec: DataSpec) -> EvalProtocol:
     try:
-        from reasonseg.data.readers.refer import RefCocoReader  # type: ignore[import-not-found]
+        from reasonseg.data.readers.refer import RefCocoReader
     except ImportError as exc:
         raise RuntimeError(
             f"the refCOCO reader (reasonseg.data.readers.refer) is not available: {exc}"
@@ -256,7 +264,8 @@ def _refer(spec: DataSpec) -> EvalProtocol:
         mode="eval",
     )
     items: list[EvalItem] = []
-    for idx in range(len(reader)):
+    for idx, (ri, si) in enumerate(reader.index):
+        key = f"{reader.refs[ri].get('ref_id', ri)}-{max(si, 0)}"  # ref id and sentence index
 
         def load(idx: int = idx) -> Sample:
             s = reader.get(idx)
@@ -264,7 +273,9 @@ def _refer(spec: DataSpec) -> EvalProtocol:
             query = s.target_texts[0].strip().lower()
             return dataclasses.replace(s, turns=lisa_turns(query, is_sentence=False), target_texts=[query])
 
-        items.append(EvalItem(key=f"{idx:07d}", sample=load))
+        sents = reader.refs[ri].get("sentences") or [{}]
+        query = str(sents[max(si, 0)].get("sent", "")).strip().lower()
+        items.append(EvalItem(key=key, sample=load, query=query))
     return EvalProtocol(f"{spec.dataset}({spec.split_by})/{spec.split}", spec, LISA_RULES, (), items)
 
 
