@@ -46,6 +46,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_trainable",
     "restore_rng_state",
     "save_checkpoint",
 ]
@@ -270,3 +271,11 @@ def load_checkpoint(path: Path, *, rank: int = 0, world_size: int = 1) -> Loaded
         trainer_state=trainer_state,
         rng_state=torch.load(rng_file, map_location="cpu", weights_only=False),
     )
+
+
+def load_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """Only the trained parameters of a complete checkpoint (for export; any process count)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (missing or damaged {COMPLETE_MARKER})")
+    return load_file(str(path / "trainable.safetensors"))

@@ -36,9 +36,9 @@ __all__ = ["CacheStats", "EncoderCache", "content_key", "encoder_fingerprint"]
 
 def content_key(pixels: torch.Tensor) -> str:
     """sha256 (hex) of one preprocessed image tensor ([3,L,L]): its dtype, shape and bytes."""
-    t = pixels.detach().to("cpu").contiguous()
+    t = pixels.detach().to("cpu").contiguous().reshape(-1)
     h = hashlib.sha256()
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(f"{t.dtype}|{tuple(pixels.shape)}|".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
@@ -51,8 +51,8 @@ def encoder_fingerprint(modules: Mapping[str, nn.Module], config: str = "") -> s
     for label in sorted(modules):
         h.update(f"|module:{label}|".encode())
         for name, tensor in modules[label].state_dict().items():
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
             if t.numel():
                 h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

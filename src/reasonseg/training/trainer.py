@@ -1,0 +1,520 @@
+"""The training loop, through Hugging Face accelerate (one process, DDP, DeepSpeed or FSDP alike).
+
+One optimiser step = ``grad_accum`` micro-batches of ``micro_batch_size`` samples on each of the
+``num_processes`` processes. The sample order is a pure function of the seed: the stream is the
+concatenation of one permutation of the dataset per epoch, and global micro-batch ``p`` is stream
+positions ``[p*G, (p+1)*G)`` with ``G = micro_batch_size * num_processes``, rank r taking the r-th slice.
+So N processes see exactly the samples one process sees with an N times larger micro-batch, and the
+data position of a checkpoint is a single number.
+
+Loss normalisation is global: CE is divided by the number of supervised tokens and the mask terms by
+the number of masks *summed over processes*, so the data-parallel average of per-process losses equals
+the single-process loss on the same global batch.
+
+    trainer = Trainer(recipe)                 # builds model, freeze plan, data, optimiser
+    result = trainer.fit(resume=True)         # continues from the newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from reasonseg.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from reasonseg.training.encoder_cache import EncoderCache, encoder_fingerprint
+from reasonseg.training.freeze import TrainablePlan, apply_lisa_freeze_policy, set_frozen_eval
+from reasonseg.training.losses import LossTerms, LossWeights, combine_losses, mask_losses, text_ce_loss
+from reasonseg.training.optim import build_optimizer, build_scheduler
+from reasonseg.training.recipe import DataRecipe, ModelRecipe, TrainRecipe
+
+__all__ = [
+    "FrozenImageFeatures",
+    "SampleStream",
+    "StepLog",
+    "TrainResult",
+    "Trainer",
+    "build_dataset",
+    "build_model",
+    "lisa_loss_terms",
+]
+
+
+# ------------------------------------------------------------------------------------------ data order
+
+
+class SampleStream:
+    """Deterministic sample order: epoch e is ``permutation_e(range(n))`` seeded by (seed, e).
+
+    Global micro-batch ``p`` (of ``global_batch`` samples) is stream positions ``[p*G, (p+1)*G)``; a
+    position ``s`` is sample ``perm_{s // n}[s % n]`` of epoch ``s // n``.
+    """
+
+    def __init__(self, n: int, seed: int, global_batch: int, *, shuffle: bool = True) -> None:
+        if n < 1:
+            raise ValueError("the training dataset is empty")
+        self.n, self.seed, self.global_batch, self.shuffle = n, seed, global_batch, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if self.shuffle:
+                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            else:
+                self._perms[epoch] = np.arange(self.n)
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+        return self._perms[epoch]
+
+    def batch(self, position: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+        """(index, epoch) pairs of rank ``rank``'s share of global micro-batch ``position``."""
+        per = self.global_batch // world_size
+        start = position * self.global_batch + rank * per
+        return [(int(self._perm(s // self.n)[s % self.n]), s // self.n) for s in range(start, start + per)]
+
+
+def _get_sample(dataset: Any, index: int, epoch: int) -> Any:
+    getter = getattr(dataset, "get", None)
+    if callable(getter):
+        try:
+            sample = getter(index, epoch)
+        except TypeError:
+            sample = getter(index)
+        if sample is None:  # a reader in skip mode: fall back to its own replacement rule
+            sample = dataset[index]
+        return sample
+    return dataset[index]
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item p = this rank's collated share of global micro-batch p (built in a DataLoader worker)."""
+
+    def __init__(self, dataset: Any, stream: SampleStream, collate: Callable, rank: int, world: int) -> None:
+        self.dataset, self.stream, self.collate, self.rank, self.world = dataset, stream, collate, rank, world
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, position: int) -> Any:
+        pairs = self.stream.batch(position, self.rank, self.world)
+        return self.collate([_get_sample(self.dataset, i, e) for i, e in pairs])
+
+
+# --------------------------------------------------------------------------------------- model and data
+
+
+def build_model(spec: ModelRecipe) -> nn.Module:
+    """The ``LisaModel`` a recipe starts from (preset or ``save_pretrained`` directory), in train mode."""
+    from reasonseg.model.lisa import LisaModel
+
+    if spec.pretrained is not None:
+        model = LisaModel.from_pretrained(spec.pretrained)
+    else:
+        model = LisaModel.from_preset(spec.preset, tiny=spec.tiny, load_weights=spec.load_base_weights)  # type: ignore[arg-type]
+    return model.train()
+
+
+def build_dataset(spec: DataRecipe, seed: int) -> Any:
+    """The training dataset of a recipe: an indexable of ``Sample`` (with ``get(index, epoch)`` when the
+    source supports per-epoch variation). Several datasets are mixed by the data package's mixture."""
+    if not spec.datasets:
+        raise ValueError("data.datasets: the recipe lists no dataset")
+    parts = [_build_one(d, seed) for d in spec.datasets]
+    if len(parts) == 1 and spec.samples_per_epoch is None:
+        return parts[0]
+    try:
+        from reasonseg.data.mixture import MixtureDataset  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ValueError("data.datasets: mixing several datasets needs reasonseg.data.mixture") from exc
+    return MixtureDataset(
+        parts, rates=[d.rate for d in spec.datasets], seed=seed, samples_per_epoch=spec.samples_per_epoch
+    )
+
+
+def _build_one(spec: Any, seed: int) -> Any:
+    import importlib
+
+    if spec.kind == "callable":
+        module_name, _, attr = spec.target.partition(":")
+        fn = getattr(importlib.import_module(module_name), attr)
+        return fn(**spec.options)
+    from reasonseg.data import readers
+
+    factory = getattr(readers, "build_reader", None)
+    if factory is None:
+        raise ValueError(f"data.datasets: kind {spec.kind!r} needs reasonseg.data.readers.build_reader")
+    return factory(spec.kind, spec.path, mode="train", seed=seed, **spec.options)
+
+
+def build_collator(model: nn.Module) -> Callable[[Sequence[Any]], Any]:
+    """The data package's ``LisaCollator`` for this model's tokenizer, template and SAM input size."""
+    from reasonseg.data.collate import LisaCollator
+    from reasonseg.data.transforms import SamTransform
+
+    return LisaCollator(
+        model.tokenizer,
+        model.template,
+        SamTransform(target_length=model.sam.image_size),
+        model.num_image_tokens,
+        max_length=model.config.max_length,
+    )
+
+
+# ---------------------------------------------------------------------------------------- loss terms
+
+
+def lisa_loss_terms(
+    output: Any, batch: Any, weights: LossWeights, *, mask_loss_on_rej: bool = False
+) -> LossTerms:
+    """Un-normalised CE/BCE/Dice of one micro-batch from a ``LisaOutput`` and its ``LisaBatch``.
+
+    ``batch.masks[i]`` [K_i,H_i,W_i] must have one mask per [SEG]/[REJ] slot of sample i's input_ids;
+    [REJ] slots are left out of the mask terms unless ``mask_loss_on_rej``.
+    """
+    labels = batch.labels.to(output.logits.device)
+    ce_sum, ce_count = text_ce_loss(output.logits, labels)
+    preds: list[torch.Tensor] = []
+    gts: list[torch.Tensor] = []
+    ignores: list[torch.Tensor | None] = []
+    for i, pred in enumerate(output.masks or []):
+        gt = torch.as_tensor(batch.masks[i])
+        if pred.logits.shape[0] != gt.shape[0]:
+            raise ValueError(
+                f"sample {i} of the batch: {pred.logits.shape[0]} [SEG]/[REJ] slots in input_ids but "
+                f"{gt.shape[0]} target masks (was the answer truncated by max_length?)"
+            )
+        keep = [j for j, k in enumerate(pred.kinds) if k == "seg" or mask_loss_on_rej]
+        preds.append(pred.logits[keep])
+        gts.append(gt[keep])
+        ign = batch.ignore[i] if getattr(batch, "ignore", None) is not None else None
+        ignores.append(None if ign is None else torch.as_tensor(ign, dtype=torch.bool))
+    bce_sum, dice_sum, count = mask_losses(preds, gts, ignores, weights=weights)
+    return LossTerms(ce_sum, ce_count, bce_sum.to(ce_sum.device), dice_sum.to(ce_sum.device), count)
+
+
+@dataclass
+class FrozenImageFeatures:
+    """What the encoder cache stores per image: the frozen encoders' outputs, before any trained part.
+
+    sam_embeddings: [B,256,h,w]; tower_features: [B,N,C] (the vision tower's output, pre-projector).
+    """
+
+    sam_embeddings: torch.Tensor
+    tower_features: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class StepLog:
+    """Scalars of one optimiser step (global means over processes and micro-batches)."""
+
+    step: int
+    loss: float
+    ce: float
+    bce: float
+    dice: float
+    lr: float
+    grad_norm: float
+    samples_per_s: float
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    output_dir: Path
+    steps: int
+    history: list[StepLog] = field(default_factory=list)
+    final_checkpoint: Path | None = None
+    resumed_from: Path | None = None
+    loss_curve: Path | None = None
+
+
+class Trainer:
+    """Builds everything a recipe names and runs the loop.
+
+    ``model``, ``dataset`` and ``collate`` may be given to override what the recipe would build (tests,
+    notebooks); ``accelerator`` defaults to one made from the recipe and the launch environment.
+    """
+
+    def __init__(
+        self,
+        recipe: TrainRecipe,
+        *,
+        model: nn.Module | None = None,
+        dataset: Any | None = None,
+        collate: Callable[[Sequence[Any]], Any] | None = None,
+        accelerator: Any | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.recipe = recipe
+        t = recipe.train
+        if t.num_threads is not None:
+            torch.set_num_threads(t.num_threads)
+        if accelerator is None:
+            accelerator = Accelerator(
+                mixed_precision=t.mixed_precision,
+                gradient_accumulation_steps=t.grad_accum,
+                cpu=not torch.cuda.is_available(),
+                kwargs_handlers=[
+                    DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)
+                ],
+            )
+        self.accelerator = accelerator
+        self.output_dir = Path(t.output_dir)
+        set_seed(t.seed)  # same on every process: identical initial weights and LoRA init
+        self.model = build_model(recipe.model) if model is None else model.train()
+        fr = recipe.freeze
+        self.plan: TrainablePlan = apply_lisa_freeze_policy(
+            self.model,
+            fr.lora,
+            train_projector=fr.train_projector,
+            train_mask_decoder=fr.train_mask_decoder,
+            train_new_token_rows=fr.train_new_token_rows,
+        )
+        set_frozen_eval(self.model)
+        self.dataset = build_dataset(recipe.data, t.seed) if dataset is None else dataset
+        self.collate = build_collator(self.model) if collate is None else collate
+        self.loss_weights = recipe.loss.weights()
+        self.optimizer = build_optimizer(
+            self.plan.parameters(), recipe.optim, no_decay=self.plan.row_params()
+        )
+        self.scheduler = build_scheduler(self.optimizer, recipe.optim)
+        self.cache: EncoderCache | None = None
+        if t.encoder_cache:
+            self.cache = self._make_cache(Path(t.encoder_cache))
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    @property
+    def world_size(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    def _make_cache(self, root: Path) -> EncoderCache:
+        m = self.model
+        frozen = [m.sam.image_encoder, m.mllm.vision_tower]
+        if any(p.requires_grad for mod in frozen for p in mod.parameters()):
+            raise ValueError(
+                "train.encoder_cache needs frozen image encoders (SAM image encoder, vision tower)"
+            )
+        config = json.dumps({"vision": dataclasses.asdict(m.config.vision), "sam": m.config.sam.name})
+        fp = encoder_fingerprint(
+            {"sam_image_encoder": m.sam.image_encoder, "vision_tower": m.mllm.vision_tower}, config
+        )
+        return EncoderCache(root, fp, output_type=FrozenImageFeatures)
+
+    def _encode_frozen(
+        self, pixels: torch.Tensor, resized_hw: Sequence[tuple[int, int]]
+    ) -> FrozenImageFeatures:
+        from reasonseg.model.vision_tower import sam_pixels_to_clip
+
+        m = self.model
+        pixels = pixels.to(device=m.device, dtype=m.dtype)
+        sam = m.sam.image_encoder(pixels)  # [B,256,h,w]
+        if m.config.vision.kind == "sam":
+            tower_in = sam
+        else:
+            tower_in = sam_pixels_to_clip(
+                pixels, [tuple(map(int, hw)) for hw in resized_hw], m.mllm.vision_tower.image_size
+            )
+        return FrozenImageFeatures(sam, m.mllm.vision_tower(tower_in))
+
+    def _image_features(self, batch: Any) -> Any:
+        """ImageFeatures for a batch through the encoder cache (None without a cache: the model encodes)."""
+        if self.cache is None:
+            return None
+        from reasonseg.model.outputs import ImageFeatures
+
+        frozen = self.cache.encode(batch.pixels, lambda px: self._encode_frozen(px, batch.resized_hw))
+        m = self.model
+        tokens = m.mllm.projector(frozen.tower_features.to(m.device))  # [B,N,H]
+        resized = [tuple(map(int, hw)) for hw in batch.resized_hw]
+        original = [tuple(map(int, hw)) for hw in batch.original_hw]
+        return ImageFeatures(frozen.sam_embeddings.to(m.device), tokens, resized, original)  # type: ignore[arg-type]
+
+    def _loader(self, stream: SampleStream, start: int, end: int) -> torch.utils.data.DataLoader:
+        ds = _MicroBatches(self.dataset, stream, self.collate, self.rank, self.world_size)
+        workers = self.recipe.data.num_workers
+        return torch.utils.data.DataLoader(
+            ds, batch_size=None, sampler=range(start, end), num_workers=workers, persistent_workers=False
+        )
+
+    def _checkpoint(self, step: int, position: int, history: list[StepLog]) -> Path:
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        return save_checkpoint(
+            root,
+            step,
+            trainable=self.plan.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            trainer_state={"data_position": position, "history": [dataclasses.asdict(h) for h in history]},
+            rank=self.rank,
+            world_size=self.world_size,
+            barrier=acc.wait_for_everyone,
+            keep_last=self.recipe.train.keep_checkpoints,
+        )
+
+    def _resume(self) -> tuple[int, int, list[StepLog], Path | None]:
+        ckpt = latest_checkpoint(self.output_dir / "checkpoints")
+        if ckpt is None:
+            return 0, 0, [], None
+        loaded = load_checkpoint(ckpt, rank=self.rank, world_size=self.world_size)
+        self.plan.load_state_dict(loaded.trainable)
+        self.optimizer.load_state_dict(loaded.optimizer_state)
+        self.scheduler.load_state_dict(loaded.scheduler_state)
+        restore_rng_state(loaded.rng_state)
+        history = [StepLog(**h) for h in loaded.trainer_state.get("history", [])]
+        return loaded.step, int(loaded.trainer_state["data_position"]), history, ckpt
+
+    # ---------------------------------------------------------------------------------------- fit
+
+    def fit(self, *, resume: bool = False, max_steps: int | None = None) -> TrainResult:
+        """Train to ``optim.total_steps`` (or stop after ``max_steps`` optimiser steps in this call).
+
+        ``resume``: continue from the newest complete checkpoint in ``<output_dir>/checkpoints`` (a fresh
+        start when there is none).
+        """
+        acc = self.accelerator
+        r, t = self.recipe, self.recipe.train
+        total = r.optim.total_steps
+        step, position, history, resumed = self._resume() if resume else (0, 0, [], None)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.yaml").write_text(r.to_yaml())
+        model, optimizer = acc.prepare(self.model, self.optimizer)
+        global_batch = t.micro_batch_size * self.world_size
+        stream = SampleStream(len(self.dataset), t.seed, global_batch)
+        stop = total if max_steps is None else min(total, step + max_steps)
+        micro_total = (stop - step) * t.grad_accum
+        loader = self._loader(stream, position, position + micro_total)
+        writer, bar = self._loggers(step, total)
+        accum: dict[str, float] = {"loss": 0.0, "ce": 0.0, "bce": 0.0, "dice": 0.0}
+        t_step = time.perf_counter()
+        last_ckpt: Path | None = None
+        params = self.plan.parameters()
+        try:
+            for batch in loader:
+                with acc.accumulate(model):
+                    images = self._image_features(batch)
+                    out = model(batch, images=images)
+                    terms = lisa_loss_terms(
+                        out, batch, self.loss_weights, mask_loss_on_rej=r.loss.mask_loss_on_rej
+                    )
+                    counts = torch.tensor(
+                        [terms.ce_count, terms.mask_count], dtype=torch.float64, device=acc.device
+                    )
+                    counts = acc.reduce(counts, reduction="sum") / self.world_size
+                    parts = combine_losses(
+                        terms, self.loss_weights, ce_count=float(counts[0]), mask_count=float(counts[1])
+                    )
+                    acc.backward(parts["loss"])
+                    grad_norm = float("nan")
+                    if acc.sync_gradients and r.optim.grad_clip > 0:
+                        grad_norm = float(acc.clip_grad_norm_(params, r.optim.grad_clip))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                position += 1
+                logged = torch.stack([parts[k].detach().float() for k in accum])
+                logged = acc.reduce(logged, reduction="mean")
+                for k, v in zip(accum, logged.tolist(), strict=True):
+                    accum[k] += v / t.grad_accum
+                if not acc.sync_gradients:
+                    continue
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                step += 1
+                now = time.perf_counter()
+                rate = global_batch * t.grad_accum / max(now - t_step, 1e-9)
+                t_step = now
+                log = StepLog(
+                    step, accum["loss"], accum["ce"], accum["bce"], accum["dice"], lr, grad_norm, rate
+                )
+                history.append(log)
+                accum = dict.fromkeys(accum, 0.0)
+                self._log(log, writer, bar)
+                if step % t.checkpoint_every == 0 or step == stop:
+                    last_ckpt = self._checkpoint(step, position, history)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        curve = None
+        if acc.is_main_process and history:
+            curve = write_loss_curve(history, self.output_dir / "loss_curve.png")
+            (self.output_dir / "history.json").write_text(
+                json.dumps([dataclasses.asdict(h) for h in history])
+            )
+        acc.wait_for_everyone()
+        return TrainResult(self.output_dir, step, history, last_ckpt, resumed, curve)
+
+    def _loggers(self, step: int, total: int) -> tuple[Any, Any]:
+        if not self.accelerator.is_main_process:
+            return None, None
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        bar = None
+        if self.recipe.train.progress_bar:
+            bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        return writer, bar
+
+    def _log(self, log: StepLog, writer: Any, bar: Any) -> None:
+        if writer is not None and log.step % self.recipe.train.log_every == 0:
+            for key in ("loss", "ce", "bce", "dice", "lr", "grad_norm", "samples_per_s"):
+                value = getattr(log, key)
+                if math.isfinite(value):
+                    writer.add_scalar(f"train/{key}", value, log.step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}", samples_s=f"{log.samples_per_s:.2f}")
+
+
+def write_loss_curve(history: Sequence[StepLog], path: Path) -> Path:
+    """PNG of the total loss and its three terms against the optimiser step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h.step for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [h.loss for h in history], label="loss", linewidth=2)
+    for key in ("ce", "bce", "dice"):
+        ax.plot(steps, [getattr(h, key) for h in history], label=key, linewidth=1, alpha=0.8)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
