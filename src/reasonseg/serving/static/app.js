@@ -120,11 +120,12 @@ async function submit(event) {
     }
     state.conversationId = data.conversation_id;
     addTurn("you", instruction);
-    addTurn("model", data.answer);
+    addTurn("model", data.answer || "(empty answer)");
     const overlay = $("overlay");
     overlay.src = "data:image/png;base64," + data.overlay_png_base64;
     overlay.hidden = false;
     showTargets(data.targets);
+    if (data.targets.length === 0) addTurn("note", "the answer names no target ([SEG]), so no mask is drawn");
     const t = data.timings_ms;
     $("timings").textContent =
       `total ${Math.round(t.total)} ms · model ${Math.round(t.model_call)} ms` +
