@@ -203,6 +203,62 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train LISA's objective from a YAML recipe (one CPU, or many GPUs under `accelerate launch`)",
+        description="Multi-process: accelerate launch --config_file recipes/accelerate/ddp.yaml "
+        "-m reasonseg.cli train RECIPE.yaml",
+    )
+    p.add_argument("recipe", help="recipe file (see recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field (repeatable), e.g. --set train.output_dir=runs/x",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    def run(args: argparse.Namespace) -> int:
+        from reasonseg.training.recipe import load_recipe
+        from reasonseg.training.trainer import Trainer
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        trainer = Trainer(recipe)
+        result = trainer.fit(resume=args.resume, max_steps=args.max_steps)
+        if trainer.accelerator.is_main_process:
+            last = result.history[-1] if result.history else None
+            summary = f"loss {last.loss:.4f}" if last else "no step run"
+            print(f"trained to step {result.steps} ({summary}); checkpoint: {result.final_checkpoint}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="merge a training run's LoRA into a standalone model directory")
+    p.add_argument("run", help="the run directory (the recipe's train.output_dir)")
+    p.add_argument("--out", required=True, help="output directory (LisaModel.from_pretrained loads it)")
+    p.add_argument(
+        "--checkpoint", default=None, help="a checkpoint directory (default: the newest complete one)"
+    )
+    p.add_argument("--delta", action="store_true", help="store only the difference to the base weights")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    def run(args: argparse.Namespace) -> int:
+        from reasonseg.training.export import export_run
+
+        res = export_run(args.run, args.out, checkpoint=args.checkpoint, delta=args.delta)
+        print(f"{res.output_dir} (from {res.checkpoint}, {res.merged_lora_layers} LoRA layers merged)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 _BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fetch,
     _add_eval,
@@ -210,6 +266,8 @@ _BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_segment,
     _add_chat,
     _add_serve,
+    _add_train,
+    _add_export,
 ]
 
 
