@@ -334,9 +334,7 @@ def position(scene: Scene, fam: Family, rng: np.random.Generator) -> Query | Non
             best, second = vals[0], vals[1]
             if abs(insts[best].centroid[axis] - insts[second].centroid[axis]) < margin:
                 continue
-            thing = name or _thing(scene, best, idx)[0]
-            if not name and thing != "object":
-                continue  # keep "the leftmost object" simple and unambiguous
+            thing = name or "object"  # "the pig on the left" among pigs, else "the leftmost object"
             texts = _fill(fam, rng, thing=thing, where=where, extreme=extreme, edge=edge)
             return Query("position", fam.id, texts, fam.sentence, [best], subject=thing)
     return None
