@@ -117,3 +117,37 @@ def test_eval_command_end_to_end_and_resume(data, tmp_path: Path, capsys: pytest
     # the wrong mode on the same directory is refused with a one-line error
     assert main([*argv[:6], "--mode", "generative", *argv[8:]]) == 2
     assert "mode='teacher-forced', not 'generative'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two processes, each loading the model (~30 s here)
+def test_cli_under_accelerate_two_processes_matches_one(tiny_model, data, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    model_dir = tiny_model.save_pretrained(tmp_path / "model")
+    common = ["eval", "--model", str(model_dir), "--data", f"grefcoco:{data['grefcoco']}:val"]
+    common += ["--mode", "teacher-forced", "--no-cache", "--worst-k", "1"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    # On a CPU-only host accelerate's multi-process launcher is its torchrun path (--multi_gpu); the
+    # runner then asks PartialState for a CPU (gloo) group.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", port, "-m", "reasonseg.cli"]
+    for name, argv in (
+        ("one", [sys.executable, "-m", "reasonseg.cli", *common]),
+        ("two", [*launch, *common, "--batch-size", "2"]),
+    ):
+        proc = subprocess.run(
+            [*argv, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["run"]["num_processes"] == 1 and two["run"]["num_processes"] == 2
+    assert one["metrics"] == two["metrics"]
+    assert (tmp_path / "one" / "per_sample.jsonl").read_bytes() == (
+        tmp_path / "two" / "per_sample.jsonl"
+    ).read_bytes()

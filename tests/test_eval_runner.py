@@ -78,7 +78,8 @@ class ShiftSegmenter:
             gt = it.sample.masks == 1
             pred = np.roll(gt, shift=(h % 3, (h >> 3) % 4), axis=(1, 2))
             rejected = [bool(not m.any()) ^ ((h >> (5 + j)) % 4 == 0) for j, m in enumerate(gt)]
-            pred[np.array(rejected)] = False if mode == "generative" else pred[np.array(rejected)]
+            if mode == "generative":
+                pred[np.array(rejected, dtype=bool)] = False  # a generated [REJ] gives the user no mask
             if mode == "generative" and h % 7 == 0:
                 pred, rejected = pred[:0], []  # the model wrote no [SEG] at all
             out.append(

@@ -1,8 +1,9 @@
 """``reasonseg eval``: evaluate a model on a benchmark split and write the reports.
 
     reasonseg eval --model lisa-mobile --data reasonseg:/data/ReasonSeg:val --mode teacher-forced --out runs/rs-val
-    accelerate launch --cpu --num_processes 2 -m reasonseg.cli eval --model DIR --data grefcoco:/data/grefcoco:val \\
-        --mode generative --out runs/gref-val
+    accelerate launch --num_processes 2 -m reasonseg.cli eval --model DIR --data grefcoco:/data/grefcoco:val \\
+        --mode generative --out runs/gref-val           # GPUs; on a CPU-only machine:
+    torchrun --nproc_per_node 2 -m reasonseg.cli eval ...   # (gloo; or accelerate launch --multi_gpu)
 
 A rerun with the same ``--out`` resumes: finished samples are skipped.
 """
@@ -75,22 +76,25 @@ def load_model(spec: str, *, tiny: bool = False) -> LisaModel:
         return LisaModel.from_pretrained(path)
     if path.suffix or "/" in spec:
         raise FileNotFoundError(f"--model {spec}: no such model directory")
+    if tiny:
+        import torch
+
+        # Random weights: seed them, so every process of a multi-process run builds the same model.
+        torch.manual_seed(0)
     return LisaModel.from_preset(spec, tiny=tiny)
 
 
 def run_eval_command(cmd: EvalCommand) -> int:
     """Build the protocol and the model, run (or resume) the evaluation, write the reports."""
-    from accelerate import PartialState
-
     from reasonseg.evaluation.lisa_segmenter import LisaSegmenter
     from reasonseg.evaluation.protocols import build_protocol
     from reasonseg.evaluation.report import write_reports
-    from reasonseg.evaluation.runner import RunConfig, run_evaluation
+    from reasonseg.evaluation.runner import RunConfig, process_state, run_evaluation
 
-    state = PartialState()
+    state = process_state()
     protocol = build_protocol(cmd.data, limit=cmd.limit, image_root=cmd.image_root)
     t0 = time.perf_counter()
-    model = load_model(cmd.model, tiny=cmd.tiny)
+    model = load_model(cmd.model, tiny=cmd.tiny).to(state.device)
     load_s = time.perf_counter() - t0
     model_id = (
         str(Path(cmd.model).resolve())

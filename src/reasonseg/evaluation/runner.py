@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,11 +31,15 @@ from reasonseg.evaluation.metrics import MetricRules, TargetScore, score_target,
 from reasonseg.evaluation.segmenter import MODES, EvalItem, EvalMode, Segmenter, SegmentResult
 from reasonseg.evaluation.store import ResultStore, load_shards, shard_path
 
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
 __all__ = [
     "EvalResult",
     "RunConfig",
     "decode_rle",
     "encode_rle",
+    "process_state",
     "run_evaluation",
     "score_item",
     "summarize_records",
@@ -211,6 +215,20 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any], is_main: bool) -> N
 
 
 # -- the run ---------------------------------------------------------------------------------------
+def process_state() -> PartialState:
+    """accelerate's view of the process group, on CPU when there is no CUDA device.
+
+    ``PartialState`` only forms a multi-process group over CPUs (gloo) when asked with ``cpu=True``;
+    so ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu --num_processes N`` on a
+    CPU-only machine give N cooperating processes. ``ACCELERATE_USE_CPU=1`` forces CPU on a GPU host.
+    """
+    import torch
+    from accelerate import PartialState
+
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=forced or not torch.cuda.is_available())
+
+
 def run_evaluation(
     segmenter: Segmenter,
     items: Sequence[EvalItem],
@@ -223,14 +241,13 @@ def run_evaluation(
 ) -> EvalResult:
     """Evaluate ``items`` with ``segmenter`` (see the module docstring for the procedure).
 
-    Works in a single process or under ``accelerate launch`` (any backend; ``gloo`` on CPU): the
-    process group comes from ``accelerate.PartialState``. ``manifest`` adds fields (model, data,
+    Works in a single process or under ``accelerate launch``/``torchrun`` (``gloo`` on CPU): the
+    process group comes from ``accelerate.PartialState`` (see :func:`process_state`). ``manifest`` adds fields (model, data,
     protocol) that a rerun must match. ``on_record`` is called after each record is durably stored.
     """
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    state = process_state()
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError("evaluation items must have unique keys")
