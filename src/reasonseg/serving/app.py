@@ -17,6 +17,7 @@ never paths: nothing in a request can make the server open a file.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -521,6 +522,7 @@ def create_app(
     )
     conversations = _Conversations(settings.max_conversations, settings.max_history_turns)
     examples = _load_examples()
+    decode_slots = asyncio.Semaphore(4)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -625,8 +627,9 @@ def create_app(
                 raise ApiError(
                     404, "unknown_conversation", "conversation_id is unknown or expired", "conversation_id"
                 )
-        image = await run_in_threadpool(decode_image_bytes, parsed.image_bytes, settings)
-        key = await run_in_threadpool(image_key, image)
+        async with decode_slots:  # bounds the memory of images being decoded at once
+            image = await run_in_threadpool(decode_image_bytes, parsed.image_bytes, settings)
+            key = await run_in_threadpool(image_key, image)
         if conv is not None and conv.image_key != key:
             raise ApiError(
                 409, "conversation_image_mismatch",

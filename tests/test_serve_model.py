@@ -1,0 +1,149 @@
+"""The serving stack with the real predictor over a tiny random lisa-mobile: HTTP results, the shared
+encoder cache, conversations, concurrent batching, and the ``segment`` / ``chat`` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from reasonseg.cli import main
+from reasonseg.inference.predictor import ReasonSegPredictor
+from reasonseg.serving.app import create_app
+from reasonseg.serving.settings import ServeSettings
+from serve_fakes import huge_png_header, make_image, png_bytes
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "src/reasonseg/serving/static/examples/coffee.jpg"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():  # type: ignore[no-untyped-def]
+    from reasonseg.model.lisa import LisaModel
+
+    return LisaModel.from_preset("lisa-mobile", tiny=True).eval()
+
+
+class CountingPredictor(ReasonSegPredictor):
+    encodes = 0
+
+    def set_image(self, image) -> None:  # type: ignore[no-untyped-def]
+        CountingPredictor.encodes += 1
+        super().set_image(image)
+
+
+@pytest.fixture
+def client(tiny_model) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    CountingPredictor.encodes = 0
+    app = create_app(
+        lambda: CountingPredictor(tiny_model, max_new_tokens=6), ServeSettings(), model_name="tiny"
+    )
+    with TestClient(app) as c:
+        yield c
+
+
+def test_real_predictor_over_http_with_cache_and_conversation(client: TestClient) -> None:
+    img = png_bytes(make_image(40, 56))
+    files = {"image": ("a.png", img, "image/png")}
+    r1 = client.post(
+        "/v1/segment", files=files, data={"instruction": "segment the square", "return_overlay": "1"}
+    )
+    assert r1.status_code == 200, r1.text
+    b1 = r1.json()
+    assert b1["image"] == {"height": 40, "width": 56} and b1["model"] == "tiny" and not b1["cache_hit"]
+    assert len(b1["targets"]) == len(b1["answer"].split("[SEG]")) - 1 + b1["answer"].count("[REJ]")
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(b1["overlay_png_base64"]))))
+    assert overlay.shape == (40, 56, 3)
+    r2 = client.post(
+        "/v1/segment",
+        files=files,
+        data={"instruction": "and again", "conversation_id": b1["conversation_id"]},
+    )
+    assert r2.status_code == 200 and r2.json()["turn"] == 2 and r2.json()["cache_hit"]
+    assert CountingPredictor.encodes == 1  # one image, two requests: encoded once
+    health = client.get("/healthz").json()
+    assert health["cache"]["entries"] == 1 and health["cache"]["bytes"] > 0
+
+
+def test_bad_input_then_still_serving(client: TestClient) -> None:
+    bad = client.post("/v1/segment", files={"image": ("x.png", huge_png_header(9000, 9000), "image/png")},
+                      data={"instruction": "x"})  # fmt: skip
+    assert bad.status_code == 413 and bad.json()["error"]["field"] == "image"
+    ok = client.post("/v1/segment", files={"image": ("c.jpg", EXAMPLE.read_bytes(), "image/jpeg")},
+                     data={"instruction": "the cup"})  # fmt: skip
+    assert ok.status_code == 200 and ok.json()["image"] == {"height": 341, "width": 512}
+
+
+def test_concurrent_requests_on_one_image_share_a_batch(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    CountingPredictor.encodes = 0
+    app = create_app(lambda: CountingPredictor(tiny_model, max_new_tokens=4), ServeSettings(max_wait_ms=300))
+    img = png_bytes(make_image())
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+        ):
+            return await asyncio.gather(*(
+                c.post("/v1/segment", files={"image": ("x.png", img, "image/png")}, data={"instruction": f"q{i}"})
+                for i in range(4)
+            ))  # fmt: skip
+
+    rs = asyncio.run(go())
+    assert [r.status_code for r in rs] == [200] * 4
+    assert CountingPredictor.encodes == 1 and max(r.json()["batch_size"] for r in rs) > 1
+
+
+def test_segment_command_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["segment", str(EXAMPLE), "where is the cup?", "--model", "lisa-mobile", "--tiny",
+                 "--max-new-tokens", "4", "--quiet", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["instruction"] == "where is the cup?" and record["image"] == {"height": 341, "width": 512}
+    assert set(record["timings_ms"]) == {"load_model", "encode_image", "predict"}
+    assert (tmp_path / "overlay.png").is_file()
+    assert len(list(tmp_path.glob("mask_*.png"))) == len([t for t in record["targets"] if not t["rejected"]])
+    assert record["answer"] in capsys.readouterr().out
+
+
+def test_segment_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    assert main(["segment", str(bad), "x", "--tiny", "--quiet"]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
+    assert main(["segment", str(EXAMPLE), "x", "--model", "no-such-model", "--quiet"]) == 2
+    assert "lisa-mobile" in capsys.readouterr().err  # the error lists the presets
+
+
+def test_chat_keeps_history_and_saves_each_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from reasonseg.serving.commands import run_chat
+
+    seen: list[int] = []
+    original = ReasonSegPredictor.predict
+
+    def spy(self, instruction, history=None, **kw):  # type: ignore[no-untyped-def]
+        seen.append(len(history or []))
+        return original(self, instruction, history=history, **kw)
+
+    monkeypatch.setattr(ReasonSegPredictor, "predict", spy)
+    args = argparse.Namespace(image=str(EXAMPLE), model="lisa-mobile", tiny=True, quiet=True, max_new_tokens=4,
+                              out=str(tmp_path), max_turns=10, max_history=8)  # fmt: skip
+    out = io.StringIO()
+    code = run_chat(args, stdin=io.StringIO("first question\n\nsecond one\n/reset\nthird\n"), stdout=out)
+    assert code == 0
+    assert seen == [0, 2, 0]  # history grows by one exchange, /reset clears it
+    for turn in (1, 2, 3):
+        assert (tmp_path / f"turn{turn:02d}_result.json").is_file()
+        assert (tmp_path / f"turn{turn:02d}_overlay.png").is_file()
+    assert out.getvalue().count("model>") == 3 and "(history cleared)" in out.getvalue()
