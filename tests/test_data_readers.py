@@ -378,3 +378,23 @@ def test_missing_and_broken_annotation_files(tmp_path: Path) -> None:
         LlavaInstructReader(tmp_path / "vqa.json", tmp_path)[0]
     with pytest.raises(ValueError, match="unknown reader kind"):
         build_reader("imagenet", tmp_path)
+
+
+def test_grefcoco_gsva_named_expressions(tmp_path: Path) -> None:
+    g, images, rle_mask = write_grefcoco(tmp_path)
+    reader = GRefCocoReader(g, images, "val", expressions_per_sample=3, seed=2)
+    s = reader.get(0)
+    assert s is not None and s.meta["grouped"]
+    assert sorted(s.target_texts) == ["both cups", "the giraffe"] or sorted(s.target_texts) == [
+        "the giraffe",
+        "the two cups",
+    ]
+    q, a = s.turns[0].text, s.turns[1].text
+    assert q.startswith("<image>\n") and all(t in q for t in s.target_texts)
+    for text, kind, mask in zip(s.target_texts, s.target_kinds, s.masks, strict=True):
+        slot = "[SEG]" if kind == "seg" else "[REJ]"
+        assert f"{text}: {slot}" in a
+        assert (mask.sum() == 0) == (text == "the giraffe")
+    assert (
+        s.masks[s.target_texts.index("the giraffe") ^ 1].sum() == 64 + rle_mask.sum()
+    )  # merged per expression

@@ -257,3 +257,15 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = json.loads((tmp_path / "w" / "world.json").read_text())
     assert summary["image_size"] == 256
     assert main(["synth", "--out", str(tmp_path / "x"), "--n", "0"]) == 2
+
+
+def test_reader_over_the_world_in_dataloader_workers(world: Path) -> None:
+    import torch
+
+    reader = build_reader("synth", world, split="train", seed=4)
+    want = [reader.get(i).image_id for i in range(12)]  # type: ignore[union-attr]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(reader, range(12)), batch_size=4, num_workers=2, collate_fn=list
+    )
+    got = [s.image_id for batch in loader for s in batch]
+    assert got == want

@@ -16,7 +16,17 @@ import numpy as np
 from reasonseg.data.conversation import IMAGE_TOKEN, REJ_TOKEN, SEG_TOKEN, Turn
 from reasonseg.data.samples import TargetKind
 
-__all__ = ["IMAGE_TOKEN", "REJ_TOKEN", "SEG_TOKEN", "answer", "count_slots", "question", "seg_turns"]
+__all__ = [
+    "IMAGE_TOKEN",
+    "REJ_TOKEN",
+    "SEG_TOKEN",
+    "answer",
+    "count_slots",
+    "join_names",
+    "named_turns",
+    "question",
+    "seg_turns",
+]
 
 SHORT_QUESTIONS: tuple[str, ...] = (
     "Can you segment the {class_name} in this image?",
@@ -38,6 +48,11 @@ SINGLE_ANSWERS: tuple[str, ...] = (
     "Sure, it is [SEG].",
     "Sure, the segmentation result is [SEG].",
     "[SEG].",
+)
+NAMED_QUESTIONS: tuple[str, ...] = (
+    "Can you segment {names} in this image?",
+    "Please segment {names} in this image.",
+    "What are {names} in this image? Please respond with segmentation masks.",
 )
 MULTI_PREFIXES: tuple[str, ...] = ("Sure, they are", "They are", "Sure, the segmentation results are")
 REJECT_ANSWERS: tuple[str, ...] = (
@@ -121,6 +136,26 @@ def seg_turns(
     q = question(text, is_sentence=is_sentence, explain=explanation is not None, rng=rng)
     a = answer(target_kinds, names=names, explanation=explanation, rng=rng)
     return [Turn("user", f"{IMAGE_TOKEN}\n{q}"), Turn("assistant", a)]
+
+
+def join_names(names: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def named_turns(
+    names: Sequence[str], target_kinds: Sequence[TargetKind], *, rng: np.random.Generator | None = None
+) -> list[Turn]:
+    """GSVA multi-expression conversation: one question naming every expression, an answer with one
+    named slot each ("Sure, the cat: [SEG], the dog: [REJ].")."""
+    if not names or len(names) != len(target_kinds):
+        raise ValueError(f"need one name per target, got {len(names)} names for {len(target_kinds)} targets")
+    q = _pick(NAMED_QUESTIONS, rng).format(names=join_names(names))
+    return [
+        Turn("user", f"{IMAGE_TOKEN}\n{q}"),
+        Turn("assistant", answer(target_kinds, names=names, rng=rng)),
+    ]
 
 
 def count_slots(text: str) -> int:

@@ -12,7 +12,9 @@ image: the answer gets a ``[REJ]`` slot and an all-zero mask. Splits: train / va
 With ``per_instance=True`` every annotation is its own ``[SEG]`` target, in the order of ``ann_id``;
 otherwise (GSVA's evaluation) the annotations are merged into one mask. A ref may carry
 ``synth.explanation`` (the synthetic world's reason for a knowledge query); in train mode it is appended
-to the answer with probability ``explanatory_rate``.
+to the answer with probability ``explanatory_rate``. With ``expressions_per_sample > 1`` (train mode), a
+phrase ref is asked together with other phrase refs of its image, GSVA style ("Can you segment the cat
+and the dog in this image?" -> "Sure, the cat: [SEG], the dog: [REJ]."), one merged mask per expression.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class GRefCocoReader(Reader):
         refs_file: str = "grefs(unc).json",
         per_instance: bool = True,
         explanatory_rate: float = 0.1,
+        expressions_per_sample: int = 1,
         mode: ReadMode = "train",
         seed: int = 0,
         skip_malformed: bool = False,
@@ -64,6 +67,9 @@ class GRefCocoReader(Reader):
         if not 0.0 <= explanatory_rate <= 1.0:
             raise ValueError(f"explanatory_rate must be in [0, 1], got {explanatory_rate}")
         self.explanatory_rate = explanatory_rate
+        if expressions_per_sample < 1:
+            raise ValueError(f"expressions_per_sample must be >= 1, got {expressions_per_sample}")
+        self.expressions_per_sample = expressions_per_sample
         self.refs_path = self.root / refs_file
         refs = read_json(self.refs_path)
         if not isinstance(refs, list):
@@ -72,6 +78,9 @@ class GRefCocoReader(Reader):
         self.refs: list[dict[str, Any]] = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
         if not self.refs:
             raise DataError(self.refs_path, f"no refs with split {split!r}")
+        self.refs_of_image: dict[int, list[int]] = {}
+        for i, r in enumerate(self.refs):
+            self.refs_of_image.setdefault(int(r.get("image_id", -1)), []).append(i)
         # (ref index, sentence index or -1 for "pick one at random")
         self.index: list[tuple[int, int]] = []
         for i, r in enumerate(self.refs):
@@ -96,6 +105,52 @@ class GRefCocoReader(Reader):
         if NO_TARGET in ids:
             raise DataError(self.refs_path, f"ref {ref.get('ref_id')}: -1 mixed with real ids in 'ann_id'")
         return ids
+
+    def _grouped(
+        self,
+        ri: int,
+        text: str,
+        stack: np.ndarray,
+        kinds: list[TargetKind],
+        path: Path,
+        im: dict[str, Any],
+        rng: np.random.Generator,
+    ) -> Sample:
+        """GSVA-style training sample: this ref plus up to ``expressions_per_sample - 1`` other phrase refs
+        of the same image, one named slot each (merged mask per expression, [REJ] for no target)."""
+        names = [text]
+        masks = [np.any(stack, axis=0)]
+        slots: list[TargetKind] = ["rej" if kinds == ["rej"] else "seg"]
+        ref_ids = [self.refs[ri].get("ref_id", ri)]
+        others = [j for j in self.refs_of_image.get(int(im["id"]), []) if j != ri]
+        for j in [others[int(k)] for k in rng.permutation(len(others))]:
+            if len(names) >= self.expressions_per_sample:
+                break
+            sents = self.refs[j].get("sentences") or []
+            phrases = [s["sent"] for s in sents if isinstance(s, dict) and isinstance(s.get("sent"), str)]
+            phrases = [p for p in phrases if not is_sentence(p) and p not in names]
+            if not phrases:
+                continue
+            names.append(phrases[int(rng.integers(len(phrases)))])
+            ids = self.target_ann_ids(self.refs[j])
+            if ids:
+                masks.append(np.any(np.stack([self.coco.ann_mask(a) for a in ids]), axis=0))
+                slots.append("seg")
+            else:
+                masks.append(np.zeros_like(masks[0]))
+                slots.append("rej")
+            ref_ids.append(self.refs[j].get("ref_id", j))
+        return Sample(
+            image=path,
+            image_id=f"{self.source}/{im['id']}",
+            turns=templates.named_turns(names, slots, rng=rng),
+            masks=np.stack(masks).astype(np.uint8),
+            kind="gres",
+            source=self.source,
+            target_kinds=slots,
+            target_texts=names,
+            meta={"split": self.split, "ref_ids": ref_ids, "grouped": True},
+        )
 
     def _load(self, index: int, rng: np.random.Generator | None) -> Sample:
         ri, si = self.index[index]
@@ -134,6 +189,8 @@ class GRefCocoReader(Reader):
         turns = templates.seg_turns(
             text, kinds, is_sentence=is_sentence(text), explanation=explanation, rng=rng
         )
+        if self.expressions_per_sample > 1 and rng is not None and not is_sentence(text):
+            return self._grouped(ri, text, stack, kinds, path, im, rng)
         return Sample(
             image=path,
             image_id=f"{self.source}/{im['id']}",
