@@ -231,7 +231,7 @@ def test_refcoco_pickle_and_instances(tmp_path: Path) -> None:
     assert s.kind == "referring" and s.masks.shape == (1, 20, 30) and s.masks.sum() == 9 * 11
     assert (
         s.target_texts == ["the cup"]
-        and s.turns[0].text == "<image>\nCan you segment the the cup in this image?"
+        and s.turns[0].text == "<image>\nCan you segment the cup in this image?"
     )
     assert len(RefCocoReader(root, images, "train", dataset="refcoco")) == 1
 

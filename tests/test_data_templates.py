@@ -9,7 +9,7 @@ from reasonseg.data import templates as T
 
 
 def test_questions() -> None:
-    assert T.question("the banana", is_sentence=False) == "Can you segment the the banana in this image?"
+    assert T.question("the banana", is_sentence=False) == "Can you segment the banana in this image?"
     assert (
         T.question("What cuts paper?", is_sentence=True)
         == "What cuts paper? Please respond with segmentation mask."

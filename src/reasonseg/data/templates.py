@@ -85,7 +85,8 @@ def question(
         return _pick(EXPLAIN_QUESTIONS, rng).format(sent=text)
     if is_sentence:
         return _pick(LONG_QUESTIONS, rng).format(sent=text)
-    return _pick(SHORT_QUESTIONS, rng).format(class_name=text)
+    q = _pick(SHORT_QUESTIONS, rng).format(class_name=text)
+    return q.replace(" the the ", " the ")  # "segment the {class_name}" with a phrase "the cup"
 
 
 def answer(
