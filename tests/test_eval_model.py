@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -15,9 +16,12 @@ from reasonseg.evaluation.protocols import build_protocol
 from reasonseg.evaluation.runner import RunConfig, run_evaluation
 from test_eval_protocols import write_grefcoco, write_reasonseg
 
+if TYPE_CHECKING:
+    from reasonseg.model import LisaModel
+
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model() -> LisaModel:
     from reasonseg.model import LisaModel
 
     torch.manual_seed(0)
@@ -30,7 +34,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"reasonseg": write_reasonseg(root / "RS"), "grefcoco": write_grefcoco(root / "G")}
 
 
-def test_teacher_forced_masks_are_the_models_forward(tiny_model, data, tmp_path: Path) -> None:
+def test_teacher_forced_masks_are_the_models_forward(
+    tiny_model: LisaModel, data: dict[str, Path], tmp_path: Path
+) -> None:
     from reasonseg.data.conversation import encode_conversation
 
     proto = build_protocol(f"grefcoco:{data['grefcoco']}:val")
@@ -49,7 +55,9 @@ def test_teacher_forced_masks_are_the_models_forward(tiny_model, data, tmp_path:
     assert res.rejected == out.predicted_rej[0].tolist()  # the model's own [SEG]/[REJ] choice per slot
 
 
-def test_batching_and_encoder_cache_do_not_change_results(tiny_model, data, tmp_path: Path) -> None:
+def test_batching_and_encoder_cache_do_not_change_results(
+    tiny_model: LisaModel, data: dict[str, Path], tmp_path: Path
+) -> None:
     proto = build_protocol(f"reasonseg:{data['reasonseg']}:val")
     runs = {}
     cached = LisaSegmenter(tiny_model, cache_dir=tmp_path / "cache")
@@ -69,7 +77,9 @@ def test_batching_and_encoder_cache_do_not_change_results(tiny_model, data, tmp_
         assert [r["targets"] for r in runs[name].records] == [r["targets"] for r in ref.records], name
 
 
-def test_generative_mode_records_answers(tiny_model, data, tmp_path: Path) -> None:
+def test_generative_mode_records_answers(
+    tiny_model: LisaModel, data: dict[str, Path], tmp_path: Path
+) -> None:
     proto = build_protocol(f"grefcoco:{data['grefcoco']}:val")
     seg = LisaSegmenter(tiny_model, max_new_tokens=6)
     cfg = RunConfig(tmp_path / "gen", "generative", batch_size=2, progress=False)
@@ -82,7 +92,9 @@ def test_generative_mode_records_answers(tiny_model, data, tmp_path: Path) -> No
 
 
 @pytest.mark.slow  # builds its own tiny model twice (~10 s each here)
-def test_eval_command_end_to_end_and_resume(data, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_command_end_to_end_and_resume(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from reasonseg.cli import main
 
     argv = [
@@ -120,7 +132,9 @@ def test_eval_command_end_to_end_and_resume(data, tmp_path: Path, capsys: pytest
 
 
 @pytest.mark.slow  # two processes, each loading the model (~30 s here)
-def test_cli_under_accelerate_two_processes_matches_one(tiny_model, data, tmp_path: Path) -> None:
+def test_cli_under_accelerate_two_processes_matches_one(
+    tiny_model: LisaModel, data: dict[str, Path], tmp_path: Path
+) -> None:
     import socket
     import subprocess
     import sys

@@ -24,7 +24,7 @@ import pytest
 from reasonseg.data.samples import Sample, Turn
 from reasonseg.evaluation.metrics import GSVA_RULES, LISA_RULES, score_target
 from reasonseg.evaluation.report import markdown_table, write_reports
-from reasonseg.evaluation.runner import RunConfig, decode_rle, run_evaluation, score_item
+from reasonseg.evaluation.runner import EvalResult, RunConfig, decode_rle, run_evaluation, score_item
 from reasonseg.evaluation.segmenter import EvalItem, EvalMode, SegmentResult
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -93,8 +93,13 @@ def _metrics(out_dir: Path) -> dict:
 
 
 def _run(
-    out: Path, items: list[EvalItem], *, batch_size: int = 1, mode: EvalMode = "teacher-forced", seg=None
-):
+    out: Path,
+    items: list[EvalItem],
+    *,
+    batch_size: int = 1,
+    mode: EvalMode = "teacher-forced",
+    seg: ShiftSegmenter | None = None,
+) -> EvalResult:
     seg = seg or ShiftSegmenter()
     cfg = RunConfig(out_dir=out, mode=mode, batch_size=batch_size, progress=False)
     result = run_evaluation(seg, items, GSVA_RULES, cfg, groups=("short", "long"), manifest={"data": "toy"})
@@ -153,7 +158,9 @@ def test_reports_are_written(tmp_path: Path) -> None:
     from PIL import Image
 
     h, w = items[int(worst[0].name.split("_")[1].split(".")[0])].sample.hw
-    assert Image.open(worst[0]).size == (2 * w, h + 22)  # ground truth | prediction, caption strip
+    # ground truth | prediction, each scaled up to a 320-pixel longest side, under a caption strip
+    scale = 320 / max(h, w)
+    assert Image.open(worst[0]).size == (2 * round(w * scale), round(h * scale) + 30)
     md = (tmp_path / "summary.md").read_text()
     assert "| overall |" in md and "| short |" in md and "N-acc" in md
     m = result.summary["metrics"]

@@ -113,8 +113,14 @@ def _blend(image: np.ndarray, masks: np.ndarray, labels: list[str]) -> np.ndarra
     return out.clip(0, 255).astype(np.uint8)
 
 
-def _panel(item: EvalItem, record: dict[str, Any]) -> np.ndarray:
-    """Image | ground truth overlay | prediction overlay, with a caption strip. HxWx3 uint8."""
+def _panel(
+    item: EvalItem, record: dict[str, Any], *, min_side: int = 320, max_side: int = 1024
+) -> np.ndarray:
+    """Ground-truth overlay | prediction overlay under a two-line caption. HxWx3 uint8.
+
+    Each half is rescaled (nearest) so that its longest side lies in [min_side, max_side]: tiny
+    images stay readable and huge ones do not make huge PNGs.
+    """
     from PIL import Image, ImageDraw
 
     sample = item.load()
@@ -125,16 +131,32 @@ def _panel(item: EvalItem, record: dict[str, Any]) -> np.ndarray:
     labels_pred = [
         f"{'REJ' if t['rejected'] else 'SEG'} {i}: {t['giou']:.2f}" for i, t in enumerate(record["targets"])
     ]
-    left = _blend(image, gt, labels_gt)
-    right = _blend(image, pred, labels_pred)
     h, w = image.shape[:2]
-    strip = 22
-    canvas = Image.new("RGB", (2 * w, h + strip), (255, 255, 255))
-    canvas.paste(Image.fromarray(left), (0, strip))
-    canvas.paste(Image.fromarray(right), (w, strip))
+    scale = min(max(1.0, min_side / max(h, w)), max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):  # rescale before drawing so that labels and outlines stay crisp
+
+        def fit(masks: np.ndarray) -> np.ndarray:
+            out = [np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST)) for m in masks]
+            return np.stack(out) if out else np.zeros((0, size[1], size[0]), bool)
+
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        gt, pred = fit(gt), fit(pred)
+    halves = [
+        Image.fromarray(_blend(image, gt, labels_gt)),
+        Image.fromarray(_blend(image, pred, labels_pred)),
+    ]
+    strip = 30
+    canvas = Image.new("RGB", (2 * size[0], size[1] + strip), (255, 255, 255))
+    for i, im in enumerate(halves):
+        canvas.paste(im, (i * size[0], strip))
     draw = ImageDraw.Draw(canvas)
-    caption = f"{record['key']}  gIoU {sample_giou(record):.3f}  ground truth | prediction  {record.get('query', '')}"
-    draw.text((4, 4), caption[:200], fill=(0, 0, 0))
+    draw.text(
+        (4, 2),
+        f"{record['key']}  gIoU {sample_giou(record):.3f}   left: ground truth, right: prediction",
+        fill=(0, 0, 0),
+    )
+    draw.text((4, 16), str(record.get("query", ""))[:160], fill=(60, 60, 60))
     return np.asarray(canvas)
 
 
