@@ -259,6 +259,45 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="import an official LISA or GSVA checkpoint into a reasonseg model directory"
+    )
+    p.add_argument("family", choices=["lisa", "gsva"], help="checkpoint family (gsva merges LoRA factors)")
+    p.add_argument("checkpoint", help="checkpoint file or Hugging Face model directory (e.g. LISA-7B-v1)")
+    p.add_argument("--out", required=True, help="output directory (LisaModel.from_pretrained loads it)")
+    p.add_argument(
+        "--preset", default=None, help="layout: lisa-7b-v1 (default for lisa), lisa-13b-llama2-v1, gsva-7b"
+    )
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--clip", default=None, help="CLIP vision weights (default: the preset's hub id)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha for unmerged factors")
+    p.add_argument("--no-strict", action="store_true", help="report leftovers instead of failing")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    def run(args: argparse.Namespace) -> int:
+        from reasonseg.convert.lisa import import_lisa_checkpoint, read_state_dict
+        from reasonseg.model.lisa import load_tokenizer
+
+        preset = args.preset or ("gsva-7b" if args.family == "gsva" else "lisa-7b-v1")
+        clip = None
+        if args.clip:  # a CLIPModel or CLIPVisionModel checkpoint: keep the vision tower
+            clip = {k: v for k, v in read_state_dict(args.clip).items() if k.startswith("vision_model.")}
+        model, report = import_lisa_checkpoint(
+            args.checkpoint,
+            preset,
+            tokenizer=load_tokenizer(args.tokenizer) if args.tokenizer else None,
+            clip_state_dict=clip,
+            strict=not args.no_strict,
+            lora_alpha=args.lora_alpha,
+        )
+        print(report.describe(), file=sys.stderr)
+        print(model.save_pretrained(args.out))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 _BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fetch,
     _add_eval,
@@ -268,6 +307,7 @@ _BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
     _add_train,
     _add_export,
+    _add_convert,
 ]
 
 
