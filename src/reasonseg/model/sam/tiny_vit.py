@@ -15,7 +15,13 @@ Speed (CPU inference; outputs equal to the reference within float rounding):
   fine-tuning never leaves a stale copy; training mode runs the two layers as usual).
 - Activations flow channels_last, so the [B, C, H, W] <-> [B, H, W, C] switches around the depthwise
   ``local_conv`` and the attention are free views instead of copies.
-- Attention is ``scaled_dot_product_attention`` with the learned per-offset bias as an additive mask.
+- Attention is ``scaled_dot_product_attention`` with the learned per-offset bias as an additive mask;
+  the gathered [heads, N, N] bias is cached between calls while the module is in eval mode without
+  autograd, and rebuilt whenever the parameter changes (tracked by its version counter).
+- On CPU in fp32 without autograd, the memory-bound element-wise steps are fused into oneDNN's
+  convolution/linear kernels (conv+GELU, conv+residual add, fc1+GELU, fc2+residual add) through the
+  ``torch.ops.mkldnn`` pointwise ops that ``torch.compile`` itself emits; elsewhere (GPU, bf16,
+  training) the plain ops run. The activation stays the exact (erf) GELU either way.
 """
 
 from __future__ import annotations
@@ -29,6 +35,35 @@ from torch import nn
 from reasonseg.model.sam.common import LayerNorm2d, attention
 
 __all__ = ["Conv2dBN", "TinyViT"]
+
+_MKLDNN_FUSION = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    """Whether the fused oneDNN CPU kernels may run: CPU fp32, no autograd (they have no backward)."""
+    return (
+        _MKLDNN_FUSION and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+    )
+
+
+def _linear(
+    x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``act(layer(x) + residual)``; one oneDNN kernel on CPU inference (no separate bias/add/GELU passes)."""
+    if _fusable(x):
+        if residual is None:
+            attr = "gelu" if gelu else "none"
+            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], "none")
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+        return F.gelu(y) if gelu else y
+    y = layer(x)
+    if residual is not None:
+        y = y + residual
+    return F.gelu(y) if gelu else y
 
 
 class Conv2dBN(nn.Module):
@@ -57,11 +92,30 @@ class Conv2dBN(nn.Module):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return self.c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``act(conv_bn(x) + residual)`` with ``act`` = GELU if ``gelu`` else identity."""
         if self.training:
-            return self.bn(self.c(x))
-        weight, bias = self.folded()
-        return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
+            y = self.bn(self.c(x))
+        else:
+            weight, bias = self.folded()
+            c = self.c
+            if _fusable(x):
+                pad, stride, dil = list(c.padding), list(c.stride), list(c.dilation)  # type: ignore[arg-type]
+                if residual is None:
+                    attr = "gelu" if gelu else "none"
+                    return torch.ops.mkldnn._convolution_pointwise(
+                        x, weight, bias, pad, stride, dil, c.groups, attr, [], "none"
+                    )
+                y = torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, residual, weight, bias, pad, stride, dil, c.groups, "add", 1.0, None, [], None
+                )
+                return F.gelu(y) if gelu else y
+            y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+        if residual is not None:
+            y = y + residual
+        return F.gelu(y) if gelu else y
 
 
 class PatchEmbed(nn.Module):
@@ -71,12 +125,12 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.seq = nn.Sequential(
             Conv2dBN(in_chans, embed_dim // 2, 3, 2, 1),
-            nn.GELU(),
+            nn.GELU(),  # applied inside seq[0] (fused); kept so the checkpoint's seq.0 / seq.2 names line up
             Conv2dBN(embed_dim // 2, embed_dim, 3, 2, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        return self.seq[2](self.seq[0](x, gelu=True))
 
 
 class MBConv(nn.Module):
@@ -86,15 +140,12 @@ class MBConv(nn.Module):
         super().__init__()
         hidden = int(dim * expand_ratio)
         self.conv1 = Conv2dBN(dim, hidden)
-        self.act1 = nn.GELU()
         self.conv2 = Conv2dBN(hidden, hidden, 3, 1, 1, groups=hidden)
-        self.act2 = nn.GELU()
         self.conv3 = Conv2dBN(hidden, dim)
-        self.act3 = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3(self.act2(self.conv2(self.act1(self.conv1(x)))))
-        return self.act3(y + x)
+        y = self.conv2(self.conv1(x, gelu=True), gelu=True)
+        return self.conv3(y, gelu=True, residual=x)
 
 
 class PatchMerging(nn.Module):
@@ -105,13 +156,12 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, stride: int) -> None:
         super().__init__()
-        self.act = nn.GELU()
         self.conv1 = Conv2dBN(dim, out_dim)
         self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride, 1, groups=out_dim)
         self.conv3 = Conv2dBN(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
+        return self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
 
 
 class ConvLayer(nn.Module):
@@ -129,17 +179,17 @@ class ConvLayer(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Pre-norm MLP on tokens: [..., C] -> [..., C]."""
+    """Pre-norm MLP on tokens with its residual: [..., C] -> [..., C]."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        """``x + fc2(gelu(fc1(norm(x))))``: the block's MLP branch including its residual."""
+        return _linear(_linear(self.norm(x), self.fc1, gelu=True), self.fc2, residual=x)
 
 
 class WindowAttention(nn.Module):
@@ -173,15 +223,26 @@ class WindowAttention(nn.Module):
         self.register_buffer(
             "attention_bias_idxs", torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)), False
         )
+        self._bias_cache: tuple[tuple[int, int, torch.device], torch.Tensor] | None = None
+
+    def bias(self) -> torch.Tensor:
+        """The learned bias gathered per (query, key) pair: [heads, N, N]."""
+        p = self.attention_biases
+        if self.training or torch.is_grad_enabled():
+            self._bias_cache = None
+            return p[:, self.attention_bias_idxs]
+        key = (p._version, p.data_ptr(), p.device)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, p[:, self.attention_bias_idxs])
+        return self._bias_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 2 * self.key_dim + self.head_dim)
+        qkv = _linear(self.norm(x), self.qkv).view(b, n, self.num_heads, 2 * self.key_dim + self.head_dim)
         qkv = qkv.transpose(1, 2)  # [B', heads, N, 2*kd + d]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.head_dim], dim=-1)
-        bias = self.attention_biases[:, self.attention_bias_idxs]  # [heads, N, N]
-        out = attention(q, k, v, bias, scale=self.key_dim**-0.5)  # [B', heads, N, d]
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        out = attention(q, k, v, self.bias(), scale=self.key_dim**-0.5)  # [B', heads, N, d]
+        return _linear(out.transpose(1, 2).reshape(b, n, -1), self.proj)
 
 
 class TinyViTBlock(nn.Module):
@@ -216,7 +277,7 @@ class TinyViTBlock(nn.Module):
         x = x + self._windowed_attention(x)
         # [B, H, W, C] is the channels_last layout of [B, C, H, W]: the permutes below are free views.
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x + self.mlp(x)
+        return self.mlp(x)
 
 
 class BasicLayer(nn.Module):
