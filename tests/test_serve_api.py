@@ -73,6 +73,21 @@ def test_multipart_and_json_give_the_same_masks(client: TestClient) -> None:
     assert FakePredictor.set_image_calls == 1
 
 
+def test_overlay_png_tints_the_mask(client: TestClient) -> None:
+    import io
+
+    from PIL import Image
+
+    img = make_image()
+    r = _post(client, png_bytes(img), "the bright part", return_overlay="true")
+    body = r.json()
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"]))).convert("RGB"))
+    assert overlay.shape == img.shape
+    mask = decode_rle(body["targets"][0]["mask"])
+    inside = np.abs(overlay[mask].astype(int) - img[mask].astype(int)).mean()
+    assert inside > 10  # the masked square is drawn over
+
+
 def test_rejection_and_masks_off(client: TestClient) -> None:
     r = _post(client, png_bytes(make_image()), "the absent thing", return_masks="false")
     assert r.status_code == 200

@@ -130,7 +130,7 @@ async function submit(event) {
     $("timings").textContent =
       `total ${Math.round(t.total)} ms · model ${Math.round(t.model_call)} ms` +
       (data.cache_hit ? " · image already encoded" : ` · image encoding ${Math.round(t.encode_image)} ms`) +
-      ` · batch of ${data.batch_size}`;
+      ` · batch of ${data.batch_size}` + (data.model ? ` · model: ${data.model}` : "");
     $("instruction").value = "";
   } catch (err) {
     showError("The server could not be reached: " + err);
