@@ -141,9 +141,8 @@ class EncoderCache:
             with torch.no_grad():
                 out = encode_fn(pixels[missing])
             if not isinstance(out, self.output_type):
-                raise TypeError(
-                    f"EncoderCache: encoder returned {type(out).__name__}, cache expects {self.output_type.__name__}"
-                )
+                got, want = type(out).__name__, self.output_type.__name__
+                raise TypeError(f"EncoderCache: encoder returned {got}, cache expects {want}")
             fields = _as_fields(out)
             for j, i in enumerate(missing):
                 entry = {name: t[j] for name, t in fields.items() if t is not None}

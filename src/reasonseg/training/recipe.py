@@ -69,14 +69,17 @@ class ModelRecipe:
 class DatasetSpec:
     """One dataset of the training mixture.
 
-    ``kind`` names a reader (``reason_seg``, ``grefcoco``, ...) or ``callable``: then ``target`` is
+    ``kind`` names a reader (``reasonseg.data.readers.build_reader``: ``reason_seg``, ``grefcoco``,
+    ``refcoco``, ``ade20k``, ``synth``, ...) or ``callable``: then ``target`` is
     ``"package.module:function"`` returning a sequence of ``Sample`` (called with ``**options``), the way
-    to plug in your own data. ``rate`` is the relative sampling rate (LISA: 9:3:3:1).
+    to plug in your own data. ``rate`` is the relative sampling rate (LISA: 9:3:3:1); datasets with the
+    same ``name`` form one source of the mixture (LISA's ``sem_seg`` group) at the first one's rate.
     """
 
     kind: str
     path: str | None = None
     rate: float = 1.0
+    name: str | None = None
     target: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -91,11 +94,16 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class DataRecipe:
-    """The training data: datasets and how many samples an epoch of the mixture has."""
+    """The training data: datasets and how many samples an epoch of the mixture has.
+
+    ``collate`` optionally names a ``"package.module:factory"`` called with the model that returns the
+    collate function; by default the data package's ``LisaCollator``.
+    """
 
     datasets: tuple[DatasetSpec, ...] = ()
     samples_per_epoch: int | None = None
     num_workers: int = 0
+    collate: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -107,6 +115,8 @@ class DataRecipe:
             raise ValueError(f"samples_per_epoch must be >= 1, got {self.samples_per_epoch!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
+        if self.collate is not None and ":" not in self.collate:
+            raise ValueError(f"collate must be 'package.module:factory', got {self.collate!r}")
 
 
 @dataclass(frozen=True)

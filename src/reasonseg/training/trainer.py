@@ -45,6 +45,7 @@ from reasonseg.training.recipe import DataRecipe, ModelRecipe, TrainRecipe
 
 __all__ = [
     "FrozenImageFeatures",
+    "LisaObjective",
     "SampleStream",
     "StepLog",
     "TrainResult",
@@ -134,16 +135,20 @@ def build_dataset(spec: DataRecipe, seed: int) -> Any:
     source supports per-epoch variation). Several datasets are mixed by the data package's mixture."""
     if not spec.datasets:
         raise ValueError("data.datasets: the recipe lists no dataset")
-    parts = [_build_one(d, seed) for d in spec.datasets]
-    if len(parts) == 1 and spec.samples_per_epoch is None:
-        return parts[0]
-    try:
-        from reasonseg.data.mixture import MixtureDataset  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise ValueError("data.datasets: mixing several datasets needs reasonseg.data.mixture") from exc
-    return MixtureDataset(
-        parts, rates=[d.rate for d in spec.datasets], seed=seed, samples_per_epoch=spec.samples_per_epoch
-    )
+    if len(spec.datasets) == 1 and spec.samples_per_epoch is None:
+        return _build_one(spec.datasets[0], seed)
+    from reasonseg.data.mixture import MixtureDataset
+
+    # Datasets sharing a ``name`` form one source (LISA's "sem_seg" group): its rate is the first one's,
+    # and the mixture picks a member uniformly.
+    groups: dict[str, list[Any]] = {}
+    rates: dict[str, float] = {}
+    for i, d in enumerate(spec.datasets):
+        name = d.name or f"{d.kind}#{i}"
+        groups.setdefault(name, []).append(_build_one(d, seed))
+        rates.setdefault(name, d.rate)
+    sources = {n: g if len(g) > 1 else g[0] for n, g in groups.items()}
+    return MixtureDataset(sources, rates=rates, seed=seed, samples_per_epoch=spec.samples_per_epoch)
 
 
 def _build_one(spec: Any, seed: int) -> Any:
@@ -161,8 +166,14 @@ def _build_one(spec: Any, seed: int) -> Any:
     return factory(spec.kind, spec.path, mode="train", seed=seed, **spec.options)
 
 
-def build_collator(model: nn.Module) -> Callable[[Sequence[Any]], Any]:
-    """The data package's ``LisaCollator`` for this model's tokenizer, template and SAM input size."""
+def build_collator(model: nn.Module, factory: str | None = None) -> Callable[[Sequence[Any]], Any]:
+    """The data package's ``LisaCollator`` for this model's tokenizer, template and SAM input size, or
+    ``factory(model)`` when a ``"package.module:factory"`` is given."""
+    if factory is not None:
+        import importlib
+
+        module_name, _, attr = factory.partition(":")
+        return getattr(importlib.import_module(module_name), attr)(model)
     from reasonseg.data.collate import LisaCollator
     from reasonseg.data.transforms import SamTransform
 
@@ -172,6 +183,7 @@ def build_collator(model: nn.Module) -> Callable[[Sequence[Any]], Any]:
         SamTransform(target_length=model.sam.image_size),
         model.num_image_tokens,
         max_length=model.config.max_length,
+        pad_token_id=model.pad_token_id,
     )
 
 
@@ -216,6 +228,38 @@ class FrozenImageFeatures:
 
     sam_embeddings: torch.Tensor
     tower_features: torch.Tensor
+
+
+class LisaObjective(nn.Module):
+    """The module data parallelism wraps: model forward + loss terms, returning only the terms.
+
+    Wrapping the objective rather than the model matters for DDP: it looks for unused parameters from
+    the forward's outputs, and ``LisaOutput`` carries tensors no loss uses (SAM's IoU prediction), which
+    would stall the gradient reduction.
+
+    ``forward(batch, frozen)``: ``frozen`` are cached :class:`FrozenImageFeatures` (the trained projector
+    runs here, inside the wrapped module, so its gradients are reduced too) or None (the model encodes).
+    Returns :class:`~reasonseg.training.losses.LossTerms`.
+    """
+
+    def __init__(self, model: nn.Module, weights: LossWeights, *, mask_loss_on_rej: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.weights = weights
+        self.mask_loss_on_rej = mask_loss_on_rej
+
+    def forward(self, batch: Any, frozen: FrozenImageFeatures | None = None) -> LossTerms:
+        images = None
+        if frozen is not None:
+            from reasonseg.model.outputs import ImageFeatures
+
+            m = self.model
+            tokens = m.mllm.projector(frozen.tower_features.to(m.device))  # [B,N,C] -> [B,N,H]
+            resized = [tuple(map(int, hw)) for hw in batch.resized_hw]
+            original = [tuple(map(int, hw)) for hw in batch.original_hw]
+            images = ImageFeatures(frozen.sam_embeddings.to(m.device), tokens, resized, original)  # type: ignore[arg-type]
+        out = self.model(batch, images=images)
+        return lisa_loss_terms(out, batch, self.weights, mask_loss_on_rej=self.mask_loss_on_rej)
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -293,7 +337,7 @@ class Trainer:
         )
         set_frozen_eval(self.model)
         self.dataset = build_dataset(recipe.data, t.seed) if dataset is None else dataset
-        self.collate = build_collator(self.model) if collate is None else collate
+        self.collate = build_collator(self.model, recipe.data.collate) if collate is None else collate
         self.loss_weights = recipe.loss.weights()
         self.optimizer = build_optimizer(
             self.plan.parameters(), recipe.optim, no_decay=self.plan.row_params()
@@ -342,18 +386,12 @@ class Trainer:
             )
         return FrozenImageFeatures(sam, m.mllm.vision_tower(tower_in))
 
-    def _image_features(self, batch: Any) -> Any:
-        """ImageFeatures for a batch through the encoder cache (None without a cache: the model encodes)."""
+    def _frozen_features(self, batch: Any) -> FrozenImageFeatures | None:
+        """The frozen encoders' outputs through the disk cache (None without a cache: the model encodes)."""
         if self.cache is None:
             return None
-        from reasonseg.model.outputs import ImageFeatures
-
-        frozen = self.cache.encode(batch.pixels, lambda px: self._encode_frozen(px, batch.resized_hw))
-        m = self.model
-        tokens = m.mllm.projector(frozen.tower_features.to(m.device))  # [B,N,H]
-        resized = [tuple(map(int, hw)) for hw in batch.resized_hw]
-        original = [tuple(map(int, hw)) for hw in batch.original_hw]
-        return ImageFeatures(frozen.sam_embeddings.to(m.device), tokens, resized, original)  # type: ignore[arg-type]
+        with torch.no_grad():
+            return self.cache.encode(batch.pixels, lambda px: self._encode_frozen(px, batch.resized_hw))
 
     def _loader(self, stream: SampleStream, start: int, end: int) -> torch.utils.data.DataLoader:
         ds = _MicroBatches(self.dataset, stream, self.collate, self.rank, self.world_size)
@@ -405,7 +443,8 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(r.to_yaml())
-        model, optimizer = acc.prepare(self.model, self.optimizer)
+        objective = LisaObjective(self.model, self.loss_weights, mask_loss_on_rej=r.loss.mask_loss_on_rej)
+        objective, optimizer = acc.prepare(objective, self.optimizer)
         global_batch = t.micro_batch_size * self.world_size
         stream = SampleStream(len(self.dataset), t.seed, global_batch)
         stop = total if max_steps is None else min(total, step + max_steps)
@@ -418,12 +457,8 @@ class Trainer:
         params = self.plan.parameters()
         try:
             for batch in loader:
-                with acc.accumulate(model):
-                    images = self._image_features(batch)
-                    out = model(batch, images=images)
-                    terms = lisa_loss_terms(
-                        out, batch, self.loss_weights, mask_loss_on_rej=r.loss.mask_loss_on_rej
-                    )
+                with acc.accumulate(objective):
+                    terms = objective(batch, self._frozen_features(batch))
                     counts = torch.tensor(
                         [terms.ce_count, terms.mask_count], dtype=torch.float64, device=acc.device
                     )
