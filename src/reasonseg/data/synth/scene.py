@@ -84,9 +84,10 @@ class Instance:
 
     @property
     def centroid(self) -> tuple[float, float]:
-        """(x, y) of the visible pixels."""
-        ys, xs = np.nonzero(self.mask)
-        return float(xs.mean()), float(ys.mean())
+        """(x, y) of the visible pixels (searched inside the pasted box only)."""
+        x0, y0, x1, y1 = self.box
+        ys, xs = np.nonzero(self.mask[y0:y1, x0:x1])
+        return float(xs.mean()) + x0, float(ys.mean()) + y0
 
 
 @dataclass

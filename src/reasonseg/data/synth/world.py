@@ -155,11 +155,18 @@ MIN_POLYGON_IOU = 0.97
 
 
 def mask_polygons(mask: np.ndarray, tolerance: float) -> list[np.ndarray]:
-    """Outer boundaries of a bool [H,W] mask as float [P,2] (x, y) polygons (holes are not included)."""
+    """Outer boundaries of a bool [H,W] mask as float [P,2] (x, y) polygons (holes are not included).
+
+    Each connected component is traced in its own bounding box (plus a 1 px border), which keeps
+    hole filling and contour tracing cheap on a large image.
+    """
     out = []
-    labels, n = ndimage.label(mask)
-    for comp in range(1, n + 1):
-        filled = ndimage.binary_fill_holes(labels == comp)
+    labels, _ = ndimage.label(mask)
+    for comp, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        y0, x0 = box[0].start, box[1].start
+        filled = ndimage.binary_fill_holes(labels[box] == comp)
         padded = np.pad(filled, 1).astype(np.float32)
         contours = measure.find_contours(padded, CONTOUR_LEVEL)
         if not contours:
@@ -168,9 +175,20 @@ def mask_polygons(mask: np.ndarray, tolerance: float) -> list[np.ndarray]:
         c = np.rint(measure.approximate_polygon(c, tolerance))  # integer boundary-pixel centres
         keep = np.ones(len(c), dtype=bool)
         keep[1:] = np.any(c[1:] != c[:-1], axis=1)
-        c = c[keep]
+        c = c[keep] + np.array([y0, x0], dtype=c.dtype)
         if len(c) >= 3:
             out.append(np.ascontiguousarray(c[:, ::-1]))  # (row, col) -> (x, y)
+    return out
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """Background pixels enclosed by ``mask`` (bool [H,W]), computed inside its bounding box."""
+    out = np.zeros_like(mask)
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if len(ys) == 0:
+        return out
+    box = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    out[box] = ndimage.binary_fill_holes(mask[box]) & ~mask[box]
     return out
 
 
@@ -208,7 +226,7 @@ def labelme_shapes(
     for m in instance_masks:
         for p in mask_polygons(m, tolerance):
             add(p, "target")
-    holes = ndimage.binary_fill_holes(union) & ~union
+    holes = _holes(union)
     for p in mask_polygons(holes, tolerance):
         add(p, "ignore")
     painted = paint_polygons(polys, hw)
