@@ -230,8 +230,7 @@ def test_refcoco_pickle_and_instances(tmp_path: Path) -> None:
     s = reader[1]
     assert s.kind == "referring" and s.masks.shape == (1, 20, 30) and s.masks.sum() == 9 * 11
     assert (
-        s.target_texts == ["the cup"]
-        and s.turns[0].text == "<image>\nCan you segment the cup in this image?"
+        s.target_texts == ["the cup"] and s.turns[0].text == "<image>\nCan you segment the cup in this image?"
     )
     assert len(RefCocoReader(root, images, "train", dataset="refcoco")) == 1
 
@@ -398,3 +397,30 @@ def test_grefcoco_gsva_named_expressions(tmp_path: Path) -> None:
     assert (
         s.masks[s.target_texts.index("the giraffe") ^ 1].sum() == 64 + rle_mask.sum()
     )  # merged per expression
+
+
+def test_pascal_part_layout(tmp_path: Path) -> None:
+    base = tmp_path / "vlpart" / "pascal_part"
+    base.mkdir(parents=True)
+    write_image(base / "VOCdevkit" / "VOC2010" / "JPEGImages" / "2008_000002.jpg", 10, 14)
+    coco_instances(base / "train.json", [(3, "2008_000002.jpg", 10, 14)], [poly_ann(9, 3, 0, 0, 4, 4, cat=2)])
+    s = build_reader("pascal_part", tmp_path, mode="eval")[0]
+    assert s.source == "pascal_part" and s.target_texts == ["mug handle"] and s.masks.shape == (1, 10, 14)
+
+
+def test_sample_validation() -> None:
+    from reasonseg.data.samples import Sample, Turn
+
+    turns = [Turn("user", "<image>\nq"), Turn("assistant", "It is [REJ].")]
+    ok = Sample(np.zeros((4, 5, 3), np.uint8), "x", turns, np.zeros((1, 4, 5)), "gres", "t")
+    assert ok.target_kinds == ["rej"] and ok.masks.dtype == np.uint8 and ok.hw == (4, 5)
+    with pytest.raises(ValueError, match=r"\[REJ\] target must have an all-zero mask"):
+        Sample(ok.image, "x", turns, np.ones((1, 4, 5)), "gres", "t", target_kinds=["rej"])
+    with pytest.raises(ValueError, match="kind"):
+        Sample(ok.image, "x", turns, np.zeros((1, 4, 5)), "detection", "t")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ignore shape"):
+        Sample(ok.image, "x", turns, np.zeros((1, 4, 5)), "gres", "t", ignore=np.zeros((5, 4), bool))
+    with pytest.raises(ValueError, match="image"):
+        Sample(np.zeros((3, 5, 3), np.uint8), "x", turns, np.zeros((1, 4, 5)), "gres", "t")
+    with pytest.raises(ValueError, match="start with a user turn"):
+        Sample(ok.image, "x", turns[1:], np.zeros((1, 4, 5)), "gres", "t")
