@@ -250,3 +250,20 @@ def test_page_examples_and_openapi(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
+
+
+def test_request_timeout_is_a_json_504_and_the_server_recovers() -> None:
+    import time
+
+    class SlowPredictor(FakePredictor):
+        def predict(self, instruction, history=None):  # type: ignore[no-untyped-def]
+            if "slow" in instruction:
+                time.sleep(0.5)
+            return super().predict(instruction, history)
+
+    app = create_app(SlowPredictor, ServeSettings(request_timeout_s=0.2, max_wait_ms=0))
+    with TestClient(app) as c:
+        r = _post(c, png_bytes(make_image()), "slow please")
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        time.sleep(0.4)  # the model thread finishes the abandoned request
+        assert _post(c, png_bytes(make_image()), "quick").status_code == 200

@@ -147,3 +147,55 @@ def test_chat_keeps_history_and_saves_each_turn(tmp_path: Path, monkeypatch: pyt
         assert (tmp_path / f"turn{turn:02d}_result.json").is_file()
         assert (tmp_path / f"turn{turn:02d}_overlay.png").is_file()
     assert out.getvalue().count("model>") == 3 and "(history cleared)" in out.getvalue()
+
+
+def test_default_model_falls_back_to_untrained_preset_with_a_warning() -> None:
+    from reasonseg.serving.loading import BUILTIN_MODEL_DIR, DEFAULT_MODEL, load_model
+
+    if (BUILTIN_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the trained built-in model is present")
+    with pytest.warns(UserWarning, match="UNTRAINED 'lisa-mobile'"):
+        loaded = load_model(DEFAULT_MODEL, tiny=True, progress=False)
+    assert loaded.untrained and loaded.source == "preset:lisa-mobile"
+
+
+def test_model_directory_is_accepted(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from reasonseg.serving.loading import load_model
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"), progress=False)
+    assert loaded.name == "m" and not loaded.untrained and loaded.source == str(tmp_path / "m")
+
+
+@pytest.mark.slow
+def test_serve_command_listens_on_loopback(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reasonseg.cli", "serve", "--tiny", "--model", "lisa-mobile", "--quiet",
+         "--port", str(port), "--max-new-tokens", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        health = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert health is not None and health["status"] == "ok", proc.stdout.read() if proc.stdout else ""
+        assert "tiny" in health["model"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/segment", timeout=60,
+                       files={"image": ("c.jpg", EXAMPLE.read_bytes(), "image/jpeg")}, data={"instruction": "cup"})  # fmt: skip
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
