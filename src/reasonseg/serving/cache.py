@@ -41,19 +41,16 @@ def nbytes_of(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
     seen.add(id(obj))
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency of the package
-        torch = None  # type: ignore[assignment]
-    if torch is not None:
-        if isinstance(obj, torch.nn.Module):
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return 0
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.untyped_storage().data_ptr()
+        if ptr in seen:
             return 0
-        if isinstance(obj, torch.Tensor):
-            ptr = obj.untyped_storage().data_ptr()
-            if ptr in seen:
-                return 0
-            seen.add(ptr)
-            return int(obj.untyped_storage().nbytes())
+        seen.add(ptr)
+        return int(obj.untyped_storage().nbytes())
     if isinstance(obj, (str, bytes, int, float, bool)):
         return 0
     if isinstance(obj, dict):

@@ -7,12 +7,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from reasonseg.serving.loading import LoadedModel
 
 __all__ = ["run_chat", "run_segment", "run_serve"]
 
 
-def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _load(args: argparse.Namespace) -> LoadedModel:
     from reasonseg.serving.loading import load_model
 
     loaded = load_model(args.model, tiny=args.tiny, progress=not args.quiet)
@@ -21,7 +26,7 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return loaded
 
 
-def _read_image(path: str):  # type: ignore[no-untyped-def]
+def _read_image(path: str) -> np.ndarray:
     from reasonseg.data.transforms import load_image
 
     return load_image(Path(path))

@@ -139,4 +139,6 @@ class SegmentEngine:
                     pred, hit or not first, encode_s if first else 0.0, time.perf_counter() - t0, 1
                 )
                 first = False
+            if jobs[indices[0]].key in self.cache:  # re-measure: predicting may add a prompt-prefix KV cache
+                self.cache.put(jobs[indices[0]].key, predictor)
         return [r if r is not None else RuntimeError("job was not run") for r in results]

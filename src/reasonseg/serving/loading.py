@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from reasonseg.model.lisa import LisaModel
 
 __all__ = ["BUILTIN_MODEL_DIR", "DEFAULT_MODEL", "FALLBACK_PRESET", "LoadedModel", "load_model"]
@@ -42,7 +44,7 @@ class LoadedModel:
     seconds: float
 
 
-def _progress_bar(total: int, enabled: bool):  # type: ignore[no-untyped-def]
+def _progress_bar(total: int, enabled: bool) -> tqdm:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="loading model", unit="step", disable=not enabled, file=sys.stderr,
