@@ -388,6 +388,19 @@ def write_scene(cfg: WorldConfig, out: str | Path, index: int) -> SceneResult:
     )
 
 
+def _prune_stale(out: Path, keep: set[tuple[str, str]]) -> None:
+    """Remove scene files an earlier run (other seed or larger n) left in ``out``, so that the folder
+    holds exactly this world and the readers, which list the split folders, see nothing else."""
+    kept_names = {name for _, name in keep}
+    for split in SPLITS:
+        for p in (out / "reason_seg" / "ReasonSeg" / split).glob("synth_*.*"):
+            if (split, p.stem) not in keep:
+                p.unlink()
+    for p in (out / "refer_seg" / "images" / "synth").glob("synth_*.jpg"):
+        if p.stem not in kept_names:
+            p.unlink()
+
+
 def _write_scene_star(args: tuple[WorldConfig, str, int]) -> SceneResult:
     return write_scene(*args)
 
@@ -494,6 +507,7 @@ def generate_world(
         kinds_used=len(used),
         config=asdict(cfg),
     )
+    _prune_stale(out, {(r["synth"]["split"], Path(r["file_name"]).stem) for r in images})
     _atomic_write(out / "world.json", _json_bytes(asdict(summary), indent=1))
     return summary
 
