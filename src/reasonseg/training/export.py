@@ -54,7 +54,9 @@ def export_run(
     ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run / "checkpoints")
     if ckpt is None:
         raise CheckpointError(f"{run / 'checkpoints'}: no complete checkpoint to export")
-    torch.manual_seed(recipe.train.seed)
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.train.seed)  # as the trainer does: randomly initialised frozen parts come out the same
     model = build_model(recipe.model)
     fr = recipe.freeze
     plan = apply_lisa_freeze_policy(
