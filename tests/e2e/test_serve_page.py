@@ -63,7 +63,7 @@ def server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def page(server: str) -> Iterator[object]:
+def page() -> Iterator[object]:
     if not Path(CHROMIUM).is_file():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -83,7 +83,7 @@ def page(server: str) -> Iterator[object]:
             shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_upload_submit_and_overlay_appears(server: str, page) -> None:  # type: ignore[no-untyped-def]
+def test_upload_submit_and_overlay_appears(page, server: str) -> None:  # type: ignore[no-untyped-def]
     console_errors: list[str] = []
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     page.goto(server + "/")
