@@ -119,6 +119,10 @@ def run_eval_command(cmd: EvalCommand) -> int:
             "batch_size": cmd.batch_size,
             "model_load_s": round(load_s, 3),
             "main_process_model_s": round(result.seconds, 3),
+            # this process's items over its model time (scoring and I/O excluded)
+            "main_process_samples_per_s": round(result.extra["computed_here"] / result.seconds, 4)
+            if result.seconds > 0
+            else None,
         }
         paths = write_reports(result, protocol.items, cmd.out, worst_k=cmd.worst_k)
         print((paths["summary_md"]).read_text(), end="")

@@ -320,5 +320,5 @@ def run_evaluation(
         records=records,
         computed=len(gathered),
         seconds=seconds,
-        extra={"resumed": len(done), "num_processes": state.num_processes},
+        extra={"resumed": len(done), "num_processes": state.num_processes, "computed_here": len(new_records)},
     )
