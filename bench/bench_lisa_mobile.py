@@ -11,9 +11,9 @@ Rows (each timed in this run):
   once; this is the reference of the load rows.
 * ``load (later: cached safetensors)``: the same home again: no conversion.
 * ``set_image``: one image-encoder pass (MobileSAM TinyViT, 1024x1024) + the pooled LM image tokens.
-* ``first query``: prompt prefix (system + image tokens) + generation; ``follow-up query``: another
-  instruction on the same image (prefix keys/values reused, no encoder pass). The first query is the
-  reference of these rows.
+* ``first query``: prompt prefix (system + image tokens) + generation; ``follow-up query``: a second
+  instruction with the first exchange as history, and ``another query``: a second instruction without
+  history (prefix keys/values reused, no encoder pass). The first query is the reference of these rows.
 * ``generate, no KV cache``: every new token re-runs the whole sequence (what the official LISA code
   does), the reference of ``generate, KV cache`` (same prompt, same number of tokens; the two token
   sequences are checked to be equal).
@@ -112,9 +112,13 @@ def main() -> None:
     t0 = time.perf_counter()
     follow = pred.predict(QUESTIONS[1], history=first.history)
     t_follow = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    other = pred.predict(QUESTIONS[1])
+    t_other = time.perf_counter() - t0
     rows += [
         ("first query", t_first, "ref"),
-        ("follow-up query (history, cached image)", t_follow, f"{t_follow / t_first:.2f}"),
+        ("follow-up query (with history)", t_follow, f"{t_follow / t_first:.2f}"),
+        ("another query (no history)", t_other, f"{t_other / t_first:.2f}"),
     ]
 
     # KV cache vs the no-cache loop, same prompt, exactly new_tokens tokens (stop tokens disabled).
@@ -149,7 +153,9 @@ def main() -> None:
     print(
         f"prompt {len(ids)} tokens ({model.num_image_tokens} image tokens); same tokens cached/uncached: {same}"
     )
-    print(f"first answer: {first.text!r}\nfollow-up answer: {follow.text!r}")
+    print(f"first answer: {first.text!r}\nfollow-up answer: {follow.text!r}\nanother: {other.text!r}")
+    lengths = [len(model.tokenizer(p.text).input_ids) for p in (first, follow, other)]
+    print(f"answer lengths (tokens): {lengths}")
     print(f"{'step':48s} {'seconds':>9s} {'ratio':>7s}")
     for name, sec, ratio in rows:
         print(f"{name:48s} {sec:9.2f} {ratio:>7s}")

@@ -618,10 +618,18 @@ def _build_lm(config: LisaConfig, n_tokens: int, load_base: bool, sources: dict[
             path, dtype=torch.float32, attn_implementation=config.lm.attn_implementation
         )
         sources["lm"] = path
-        if lm.get_input_embeddings().num_embeddings < n_tokens:
-            # New rows start at the mean of the old ones (transformers' mean_resizing), so an untrained
-            # [SEG] is an ordinary-looking token.
-            lm.resize_token_embeddings(n_tokens, mean_resizing=True)
+        old = lm.get_input_embeddings().num_embeddings
+        if old < n_tokens:
+            # New rows start at the mean of the old ones, so an untrained [SEG] is an ordinary-looking
+            # token; deterministic (unlike transformers' sampled mean_resizing), so an untrained model
+            # and its base agree and a delta checkpoint stores only rows that training changed.
+            lm.resize_token_embeddings(n_tokens, mean_resizing=False)
+            with torch.no_grad():
+                emb = lm.get_input_embeddings().weight
+                emb[old:] = emb[:old].mean(dim=0)
+                head = lm.get_output_embeddings()
+                if head is not None and head.weight.data_ptr() != emb.data_ptr():
+                    head.weight[old:] = head.weight[:old].mean(dim=0)
     else:
         hf = dict(config.lm.hf_config)
         if not config.lm.vocab_resolved:
