@@ -171,6 +171,7 @@ def save_checkpoint(
     barrier: Callable[[], None] = _noop,
     keep_last: int | None = None,
     after_shared_files: Callable[[], None] | None = None,
+    extra_writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write one checkpoint atomically; every process calls this with its own ``rank``.
 
@@ -183,6 +184,8 @@ def save_checkpoint(
         barrier: called between phases so that all ranks finish a phase before the next one.
         keep_last: when set, older complete checkpoints beyond this many are deleted after the save.
         after_shared_files: test hook called on rank 0 after the shared files and before the marker.
+        extra_writer: called on every rank with the temporary directory, for state only a distributed
+            engine can write (DeepSpeed / FSDP shards via ``accelerator.save_state``).
 
     Returns:
         The final checkpoint directory.
@@ -198,6 +201,8 @@ def save_checkpoint(
     barrier()
 
     _torch_save(capture_rng_state(), tmp / _rng_name(rank))
+    if extra_writer is not None:
+        extra_writer(tmp)
     if rank == 0:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()}
         save_file(tensors, str(tmp / "trainable.safetensors"), metadata={"step": str(step)})
@@ -213,7 +218,9 @@ def save_checkpoint(
     if rank == 0:
         if after_shared_files is not None:
             after_shared_files()
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
+            _fsync_dir(sub)
         missing = [_rng_name(r) for r in range(world_size) if _rng_name(r) not in files]
         if missing:
             raise CheckpointError(f"{tmp}: RNG files missing for {missing}")

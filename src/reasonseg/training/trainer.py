@@ -400,20 +400,29 @@ class Trainer:
             ds, batch_size=None, sampler=range(start, end), num_workers=workers, persistent_workers=False
         )
 
+    @property
+    def _engine_state(self) -> bool:
+        """DeepSpeed and FSDP shard optimizer state across processes: accelerate's save_state writes it."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
     def _checkpoint(self, step: int, position: int, history: list[StepLog]) -> Path:
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
+        engine = self._engine_state
         return save_checkpoint(
             root,
             step,
             trainable=self.plan.state_dict(),
-            optimizer_state=self.optimizer.state_dict(),
+            optimizer_state={} if engine else self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(),
             trainer_state={"data_position": position, "history": [dataclasses.asdict(h) for h in history]},
             rank=self.rank,
             world_size=self.world_size,
             barrier=acc.wait_for_everyone,
             keep_last=self.recipe.train.keep_checkpoints,
+            extra_writer=(lambda tmp: acc.save_state(str(tmp / "accelerate_state"))) if engine else None,
         )
 
     def _resume(self) -> tuple[int, int, list[StepLog], Path | None]:
@@ -422,7 +431,10 @@ class Trainer:
             return 0, 0, [], None
         loaded = load_checkpoint(ckpt, rank=self.rank, world_size=self.world_size)
         self.plan.load_state_dict(loaded.trainable)
-        self.optimizer.load_state_dict(loaded.optimizer_state)
+        if self._engine_state:
+            self._pending_engine_state = ckpt / "accelerate_state"  # loaded after accelerator.prepare
+        else:
+            self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
         restore_rng_state(loaded.rng_state)
         history = [StepLog(**h) for h in loaded.trainer_state.get("history", [])]
@@ -445,6 +457,12 @@ class Trainer:
             (self.output_dir / "recipe.yaml").write_text(r.to_yaml())
         objective = LisaObjective(self.model, self.loss_weights, mask_loss_on_rej=r.loss.mask_loss_on_rej)
         objective, optimizer = acc.prepare(objective, self.optimizer)
+        pending = getattr(self, "_pending_engine_state", None)
+        if pending is not None:
+            acc.load_state(str(pending))
+            restore_rng_state(
+                load_checkpoint(pending.parent, rank=self.rank, world_size=self.world_size).rng_state
+            )
         global_batch = t.micro_batch_size * self.world_size
         stream = SampleStream(len(self.dataset), t.seed, global_batch)
         stop = total if max_steps is None else min(total, step + max_steps)
@@ -469,7 +487,8 @@ class Trainer:
                     acc.backward(parts["loss"])
                     grad_norm = float("nan")
                     if acc.sync_gradients and r.optim.grad_clip > 0:
-                        grad_norm = float(acc.clip_grad_norm_(params, r.optim.grad_clip))
+                        norm = acc.clip_grad_norm_(params, r.optim.grad_clip)  # None under DeepSpeed
+                        grad_norm = float(norm) if norm is not None else float("nan")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 position += 1
