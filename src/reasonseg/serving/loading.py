@@ -9,6 +9,7 @@ every command still runs end to end.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -27,8 +28,12 @@ __all__ = ["BUILTIN_MODEL_DIR", "DEFAULT_MODEL", "FALLBACK_PRESET", "LoadedModel
 DEFAULT_MODEL = "builtin"
 """What ``--model`` means when not given: the trained lisa-mobile shipped with the package."""
 
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "lisa-mobile-reasonseg"
-"""Where the built-in trained model (a ``save_pretrained`` directory, delta format) lives once trained."""
+BUILTIN_MODEL_DIR = Path(
+    os.environ.get("REASONSEG_BUILTIN_MODEL")
+    or Path(__file__).resolve().parents[3] / "models" / "lisa-mobile-synth"
+)
+"""Where the built-in trained model lives: a ``save_pretrained`` directory (delta format) committed at
+``models/lisa-mobile-synth/`` of the repository (issue 7); ``$REASONSEG_BUILTIN_MODEL`` overrides it."""
 
 FALLBACK_PRESET = "lisa-mobile"
 
@@ -116,7 +121,7 @@ def load_model(spec: str | None = None, *, tiny: bool = False, progress: bool = 
         model = LisaModel.from_pretrained(directory, progress=lambda msg: bar.set_postfix_str(msg[:60]))
         bar.update(1)
         bar.close()
-        name = "builtin" if directory == BUILTIN_MODEL_DIR else directory.name
+        name = f"builtin ({directory.name})" if directory == BUILTIN_MODEL_DIR else directory.name
         return LoadedModel(model, name, str(directory), False, time.perf_counter() - t0)
 
     bar = None
