@@ -1,0 +1,82 @@
+"""Trainer pieces: the deterministic sample stream, LISA's loss terms on model outputs, bf16 steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from reasonseg.training.losses import LossWeights
+from reasonseg.training.trainer import SampleStream, lisa_loss_terms
+
+
+def test_stream_is_deterministic_and_ranks_partition_the_global_batch() -> None:
+    one = SampleStream(10, seed=3, global_batch=4)
+    two = SampleStream(10, seed=3, global_batch=4)
+    for p in range(6):  # crosses epoch boundaries (10 is not a multiple of 4)
+        full = one.batch(p)
+        assert full == two.batch(p)
+        assert two.batch(p, 0, 2) + two.batch(p, 1, 2) == full
+    epoch0 = [i for p in range(2) for i, _ in one.batch(p)] + [i for i, e in one.batch(2) if e == 0]
+    assert sorted(epoch0) == list(range(10))  # every sample once per epoch
+    assert [i for i, _ in SampleStream(10, seed=4, global_batch=4).batch(0)] != [i for i, _ in one.batch(0)]
+
+
+def _output(kinds: list[list[str]], size: int = 4) -> SimpleNamespace:
+    masks = [
+        SimpleNamespace(logits=torch.zeros(len(k), size, size, requires_grad=True), kinds=k) for k in kinds
+    ]
+    return SimpleNamespace(logits=torch.zeros(len(kinds), 5, 7, requires_grad=True), masks=masks)
+
+
+def test_rej_slots_are_left_out_of_mask_terms_unless_asked() -> None:
+    out = _output([["seg", "rej"], ["seg"]])
+    labels = torch.full((2, 5), -100)
+    labels[:, 3] = 1
+    batch = SimpleNamespace(
+        labels=labels,
+        masks=[torch.ones(2, 4, 4), torch.ones(1, 4, 4)],
+        ignore=[None, None],
+    )
+    terms = lisa_loss_terms(out, batch, LossWeights())
+    assert terms.mask_count == 2 and terms.ce_count == 2
+    assert terms.bce_sum.item() == pytest.approx(2 * math.log(2.0), rel=1e-6)
+    assert terms.ce_sum.item() == pytest.approx(2 * math.log(7.0), rel=1e-6)
+    assert lisa_loss_terms(out, batch, LossWeights(), mask_loss_on_rej=True).mask_count == 3
+
+
+def test_slot_and_mask_counts_must_agree() -> None:
+    out = _output([["seg", "seg"]])
+    batch = SimpleNamespace(labels=torch.full((1, 5), -100), masks=[torch.ones(1, 4, 4)], ignore=None)
+    with pytest.raises(ValueError, match=r"sample 0 of the batch: 2 \[SEG\]/\[REJ\] slots .* 1 target masks"):
+        lisa_loss_terms(out, batch, LossWeights())
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_steps_run_on_cpu(tmp_path: Path) -> None:
+    from reasonseg.training.recipe import recipe_from_dict
+    from reasonseg.training.trainer import Trainer, build_model
+    from train_support import collator_for, make_samples
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"preset": "lisa-mobile", "tiny": True},
+            "optim": {"lr": 1e-3, "warmup_steps": 0, "total_steps": 2},
+            "train": {
+                "output_dir": str(tmp_path),
+                "micro_batch_size": 2,
+                "grad_accum": 2,
+                "mixed_precision": "bf16",
+                "progress_bar": False,
+                "num_threads": 1,
+            },
+        }
+    )
+    model = build_model(recipe.model)
+    trainer = Trainer(recipe, model=model, dataset=make_samples(4), collate=collator_for(model))
+    result = trainer.fit()
+    assert result.steps == 2 and all(math.isfinite(h.loss) for h in result.history)
+    assert all(p.dtype == torch.float32 for p in trainer.plan.parameters())  # master weights stay fp32
