@@ -109,6 +109,10 @@ def test_conversation_keeps_history_on_the_same_image(client: TestClient) -> Non
     ]
     other = _post(client, png_bytes(make_image(seed=5)), "and here?", conversation_id=cid)
     assert other.status_code == 409 and other.json()["error"]["code"] == "conversation_image_mismatch"
+    for i in range(3, 13):  # past max_history_turns (8): the turn count goes on, the history is capped
+        last = _post(client, img, f"turn {i}", conversation_id=cid)
+    assert last.json()["turn"] == 12
+    assert len([h for h in FakePredictor.histories if h][-1]) == 2 * SETTINGS.max_history_turns
     unknown = _post(client, img, "hi", conversation_id="nope")
     assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "conversation_id"
 

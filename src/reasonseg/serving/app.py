@@ -449,7 +449,8 @@ _CSP = (
 @dataclass
 class _Conversation:
     image_key: str
-    turns: list[tuple[str, str]] = field(default_factory=list)
+    turns: list[tuple[str, str]] = field(default_factory=list)  # the most recent exchanges only
+    exchanges: int = 0  # all exchanges so far
 
 
 class _Conversations:
@@ -477,6 +478,7 @@ class _Conversations:
 
     def append(self, conv: _Conversation, user: str, assistant: str) -> None:
         conv.turns.extend([("user", user), ("assistant", assistant)])
+        conv.exchanges += 1
         del conv.turns[: max(0, len(conv.turns) - 2 * self.max_turns)]
 
 
@@ -663,7 +665,7 @@ def create_app(
             cid = parsed.conversation_id or ""
         conversations.append(conv, parsed.instruction, response["answer"])
         response["timings_ms"]["total"] = round((time.perf_counter() - t_start) * 1e3, 3)
-        response.update(conversation_id=cid, turn=len(conv.turns) // 2, cache_hit=done.cache_hit,
+        response.update(conversation_id=cid, turn=conv.exchanges, cache_hit=done.cache_hit,
                         batch_size=done.batch_size)  # fmt: skip
         return JSONResponse(response)
 
