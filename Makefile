@@ -21,14 +21,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The colour-emoji font draws the synthetic world's objects. Installed with apt when we may; the
-# synthetic-data code raises a clear error naming the package when it is missing.
+# Debian packages: the colour-emoji font draws the synthetic world's objects (the synthetic-data code
+# raises a clear error naming the package when it is missing); chromium runs the web page's browser test
+# (skipped when absent). Installed with apt when we may.
+SYSTEM_PKGS := fonts-noto-color-emoji chromium
 system-deps:
-	@if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then \
+	@missing=""; \
+	[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || missing="$$missing fonts-noto-color-emoji"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -q fonts-noto-color-emoji >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null && apt-get install -y -q fonts-noto-color-emoji >/dev/null)); \
-	  else echo "note: install Debian's fonts-noto-color-emoji for the synthetic world"; fi; \
+	    (apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null)) || \
+	     echo "warning: could not install$$missing"; \
+	  else echo "note: install Debian's$$missing (synthetic world, browser test)"; fi; \
 	fi
 
 fetch-weights: $(STAMP)
