@@ -68,7 +68,9 @@ class LisaSegmenter:
         name: identifies the model in the run manifest (default: the config's name).
         cache_dir: image-encoder disk cache directory, or None for no cache.
         max_new_tokens: generation budget per answer (generative mode).
-        max_length: truncate conversations to this many tokens (default: the model config's).
+        max_length: truncate conversations to this many tokens; default None: no truncation, as in
+            LISA's and GSVA's evaluation (the training ``max_length`` would cut GSVA's many-expression
+            prompts and lose slots).
     """
 
     def __init__(
@@ -88,7 +90,7 @@ class LisaSegmenter:
         self.name = name or model.config.name
         self.transform = SamTransform(int(model.sam.image_size))
         self.max_new_tokens = max_new_tokens
-        self.max_length = max_length or int(model.config.max_length)
+        self.max_length = max_length
         self.cache: Any = None
         if cache_dir is not None:
             from reasonseg.training.encoder_cache import EncoderCache
@@ -175,7 +177,8 @@ class LisaSegmenter:
                 if len(out.kinds[i]) != k:
                     raise ValueError(
                         f"item {it.key}: the tokenised reference answer holds {len(out.kinds[i])} [SEG]/[REJ] "
-                        f"slots for {k} target masks (truncated at max_length={self.max_length}?)"
+                        f"slots for {k} target masks"
+                        + (f" (truncated at max_length={self.max_length}?)" if self.max_length else "")
                     )
                 results.append(
                     SegmentResult(

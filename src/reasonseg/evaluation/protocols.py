@@ -29,7 +29,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -163,18 +163,26 @@ def gsva_turns(expressions: Sequence[str], kinds: Sequence[TargetKind]) -> list[
 
 
 # -- builders --------------------------------------------------------------------------------------
-def _find_image_root(spec: DataSpec) -> Path:
+def _resolve_image_root(spec: DataSpec, reader: Any) -> Path:
+    """The folder holding the reader's images: ``--image-root`` when given, else the first of LISA's
+    ``refer_seg`` layout (``images/mscoco/images/train2014``, ``images/saiapr_tc-12``), ``ROOT/images``,
+    the sub-folders of ``ROOT/../images`` and ``ROOT`` itself that holds the split's first image."""
     if spec.image_root is not None:
         if not spec.image_root.is_dir():
             raise DataError(spec.image_root, "image root folder is missing")
         return spec.image_root
-    sub = "images/saiapr_tc-12" if spec.dataset == "refclef" else "images/mscoco/images/train2014"
-    candidates = [spec.root / "images", spec.root.parent / sub, spec.root]
+    first = str(reader.coco.image(int(reader.refs[0]["image_id"]))["file_name"])
+    shared = spec.root.parent / "images"
+    sub = "saiapr_tc-12" if spec.dataset == "refclef" else "mscoco/images/train2014"
+    candidates = [shared / sub, spec.root / "images", spec.root, shared]
+    if shared.is_dir():
+        candidates += sorted(d for d in shared.iterdir() if d.is_dir())
     for c in candidates:
-        if c.is_dir() and (c != spec.root or any(c.glob("*.jpg")) or any(c.glob("*.png"))):
+        if (c / first).is_file():
             return c
     raise DataError(
-        spec.root, f"no image folder found (looked in {', '.join(map(str, candidates))}); pass --image-root"
+        spec.root,
+        f"cannot find image {first!r} (looked in {', '.join(map(str, candidates))}); pass --image-root",
     )
 
 
@@ -209,7 +217,8 @@ def _reasonseg(spec: DataSpec) -> EvalProtocol:
 def _grefcoco(spec: DataSpec) -> EvalProtocol:
     from reasonseg.data.readers.grefer import GRefCocoReader
 
-    reader = GRefCocoReader(spec.root, _find_image_root(spec), spec.split, per_instance=False, mode="eval")
+    reader = GRefCocoReader(spec.root, spec.root, spec.split, per_instance=False, mode="eval")
+    reader.image_root = _resolve_image_root(spec, reader)
     by_image: dict[int, list[int]] = {}
     for idx, (ri, _si) in enumerate(reader.index):
         by_image.setdefault(int(reader.refs[ri]["image_id"]), []).append(idx)
@@ -256,13 +265,9 @@ def _refer(spec: DataSpec) -> EvalProtocol:
             f"the refCOCO reader (reasonseg.data.readers.refer) is not available: {exc}"
         ) from exc
     reader = RefCocoReader(
-        spec.root,
-        _find_image_root(spec),
-        spec.split,
-        dataset=spec.dataset,
-        split_by=spec.split_by,
-        mode="eval",
+        spec.root, spec.root, spec.split, dataset=spec.dataset, split_by=spec.split_by, mode="eval"
     )
+    reader.image_root = _resolve_image_root(spec, reader)
     items: list[EvalItem] = []
     for idx, (ri, si) in enumerate(reader.index):
         key = f"{reader.refs[ri].get('ref_id', ri)}-{max(si, 0)}"  # ref id and sentence index
