@@ -9,7 +9,60 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm2d", "MLPBlock", "attention"]
+__all__ = ["LayerNorm2d", "MLPBlock", "attention", "fusable", "linear"]
+
+
+_MKLDNN_FUSION = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
+
+def fusable(x: torch.Tensor) -> bool:
+    """Whether fused oneDNN CPU kernels may run on ``x``: CPU, fp32, no autograd (they have no backward).
+
+    These are the ``torch.ops.mkldnn`` pointwise-fusion ops that ``torch.compile`` emits on CPU; they
+    fold a bias, an activation or a residual add into the matmul/convolution, saving whole passes over
+    memory-bound activations. Elsewhere (GPU, bf16, training) callers run the plain ops.
+    """
+    return (
+        _MKLDNN_FUSION
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # under torch.compile, inductor does its own fusion
+    )
+
+
+def linear(
+    x: torch.Tensor, layer: nn.Linear, act: str = "none", residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``act(layer(x) + residual)`` for act in {"none", "gelu" (exact erf), "relu"}; [..., in] -> [..., out].
+
+    One oneDNN kernel when :func:`fusable`, the plain ops otherwise.
+    """
+    if fusable(x) and layer.bias is not None:
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, act, [], "none")
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    else:
+        y = layer(x)
+        if residual is not None:
+            y = y + residual
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "relu":
+        return F.relu(y)
+    return y
+
+
+def _act_name(act: nn.Module) -> str | None:
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    return None
 
 
 class MLPBlock(nn.Module):
@@ -21,8 +74,11 @@ class MLPBlock(nn.Module):
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``lin2(act(lin1(x))) (+ residual)``."""
+        name = _act_name(self.act)
+        h = linear(x, self.lin1, name) if name else self.act(self.lin1(x))
+        return linear(h, self.lin2, residual=residual)
 
 
 class LayerNorm2d(nn.Module):

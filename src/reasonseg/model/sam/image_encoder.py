@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasonseg.model.sam.common import LayerNorm2d, MLPBlock, attention
+from reasonseg.model.sam.common import LayerNorm2d, MLPBlock, attention, linear
 
 __all__ = ["Block", "ImageEncoderViT", "PatchEmbed", "ViTAttention", "window_partition", "window_unpartition"]
 
@@ -104,11 +104,12 @@ class ViTAttention(nn.Module):
         b, h, w, c = x.shape
         n = h * w
         # [B, N, 3, heads, d] -> 3 x [B, heads, N, d]
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            linear(x, self.qkv).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         bias = self._rel_pos_bias(q, (h, w)) if self.use_rel_pos else None
         out = attention(q, k, v, bias)  # [B, heads, N, d]
-        out = out.transpose(1, 2).reshape(b, h, w, c)
-        return self.proj(out)
+        return linear(out.transpose(1, 2).reshape(b, h, w, c), self.proj)
 
     def _rel_pos_bias(self, q: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Additive bias [B, heads, N, N] from the (unscaled) queries: bias[(i,j),(k,l)] = q.Rh[i,k] + q.Rw[j,l]."""
@@ -163,7 +164,7 @@ class Block(nn.Module):
         else:
             x = self.attn(x)
         x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class ImageEncoderViT(nn.Module):

@@ -32,38 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasonseg.model.sam.common import LayerNorm2d, attention
+from reasonseg.model.sam.common import LayerNorm2d, attention, fusable, linear
 
 __all__ = ["Conv2dBN", "TinyViT"]
-
-_MKLDNN_FUSION = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-
-
-def _fusable(x: torch.Tensor) -> bool:
-    """Whether the fused oneDNN CPU kernels may run: CPU fp32, no autograd (they have no backward)."""
-    return (
-        _MKLDNN_FUSION and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-    )
-
-
-def _linear(
-    x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``act(layer(x) + residual)``; one oneDNN kernel on CPU inference (no separate bias/add/GELU passes)."""
-    if _fusable(x):
-        if residual is None:
-            attr = "gelu" if gelu else "none"
-            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], "none")
-        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
-        return F.gelu(y) if gelu else y
-    y = layer(x)
-    if residual is not None:
-        y = y + residual
-    return F.gelu(y) if gelu else y
 
 
 class Conv2dBN(nn.Module):
@@ -101,7 +72,7 @@ class Conv2dBN(nn.Module):
         else:
             weight, bias = self.folded()
             c = self.c
-            if _fusable(x):
+            if fusable(x):
                 pad, stride, dil = list(c.padding), list(c.stride), list(c.dilation)  # type: ignore[arg-type]
                 if residual is None:
                     attr = "gelu" if gelu else "none"
@@ -189,7 +160,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + fc2(gelu(fc1(norm(x))))``: the block's MLP branch including its residual."""
-        return _linear(_linear(self.norm(x), self.fc1, gelu=True), self.fc2, residual=x)
+        return linear(linear(self.norm(x), self.fc1, "gelu"), self.fc2, residual=x)
 
 
 class WindowAttention(nn.Module):
@@ -238,11 +209,11 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = _linear(self.norm(x), self.qkv).view(b, n, self.num_heads, 2 * self.key_dim + self.head_dim)
+        qkv = linear(self.norm(x), self.qkv).view(b, n, self.num_heads, 2 * self.key_dim + self.head_dim)
         qkv = qkv.transpose(1, 2)  # [B', heads, N, 2*kd + d]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.head_dim], dim=-1)
         out = attention(q, k, v, self.bias(), scale=self.key_dim**-0.5)  # [B', heads, N, d]
-        return _linear(out.transpose(1, 2).reshape(b, n, -1), self.proj)
+        return linear(out.transpose(1, 2).reshape(b, n, -1), self.proj)
 
 
 class TinyViTBlock(nn.Module):

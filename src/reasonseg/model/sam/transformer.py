@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reasonseg.model.sam.common import MLPBlock, attention
+from reasonseg.model.sam.common import MLPBlock, attention, linear
 
 __all__ = ["Attention", "TwoWayAttentionBlock", "TwoWayTransformer"]
 
@@ -37,10 +37,16 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # [B, heads, N, d]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v)))
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention output (+ ``residual``, [B, Nq, C], added inside the output projection)."""
+        q_, k_, v_ = (
+            self._heads(linear(t, proj)) for t, proj in ((q, self.q_proj), (k, self.k_proj), (v, self.v_proj))
+        )
+        out = attention(q_, k_, v_)
         b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        return linear(out.transpose(1, 2).reshape(b, n, self.internal_dim), self.out_proj, residual=residual)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -78,15 +84,15 @@ class TwoWayAttentionBlock(nn.Module):
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
+            queries = self.self_attn(q, q, queries, residual=queries)
         queries = self.norm1(queries)
 
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
-        queries = self.norm3(queries + self.mlp(queries))
+        # ``keys`` does not change until the last step, so keys + key_pe serves both cross attentions.
+        k = keys + key_pe
+        queries = self.norm2(self.cross_attn_token_to_image(queries + query_pe, k, keys, residual=queries))
+        queries = self.norm3(self.mlp(queries, residual=queries))
 
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(self.cross_attn_image_to_token(k, queries + query_pe, queries, residual=keys))
         return queries, keys
 
 
@@ -134,5 +140,5 @@ class TwoWayTransformer(nn.Module):
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q, k = queries + point_embedding, keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        queries = self.norm_final_attn(self.final_attn_token_to_image(q, k, keys, residual=queries))
         return queries, keys
