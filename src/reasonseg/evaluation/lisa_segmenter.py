@@ -16,6 +16,7 @@ several items on one image skip the image encoder.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,7 @@ class LisaSegmenter:
             )
             self.cache = EncoderCache(cache_dir, fingerprint, output_type=_EncodedImage)
         self.encoder_calls = 0  # images actually run through the encoder (cache misses)
+        self.encoder_seconds = 0.0  # wall time spent in the image encoder
 
     # -- images ----------------------------------------------------------------------------------
     def encode(self, images: Sequence[np.ndarray]) -> ImageFeatures:
@@ -117,11 +119,13 @@ class LisaSegmenter:
         original = [p.original_hw for p in prepared]
 
         def run(idx: list[int]) -> _EncodedImage:
-            self.encoder_calls += len(idx)
+            t0 = time.perf_counter()
             with torch.no_grad():
                 f = self.model.encode_images(
                     pixels[idx], [resized[i] for i in idx], [original[i] for i in idx]
                 )
+            self.encoder_calls += len(idx)
+            self.encoder_seconds += time.perf_counter() - t0
             return _EncodedImage(f.sam_embeddings, f.vision_tokens)
 
         if self.cache is None:
