@@ -108,8 +108,8 @@ _WRITER = textwrap.dedent(
     cache = EncoderCache(sys.argv[1], "cd" * 32)
     x = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).reshape(2, 3, 64, 64)
     for _ in range(30):
-        for p in cache.dir.rglob("*.safetensors"):
-            p.unlink(missing_ok=True)
+        for p in cache.dir.rglob("*.safetensors"):  # finished entries only (the other writer's
+            p.unlink(missing_ok=True)                # temporary files are its own business)
         out = cache.encode(x, lambda t: t * 2)
         assert torch.equal(out, x * 2)
     """

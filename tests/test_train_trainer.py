@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,7 +56,18 @@ def test_slot_and_mask_counts_must_agree() -> None:
         lisa_loss_terms(out, batch, LossWeights())
 
 
+@pytest.fixture
+def fresh_accelerator_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state; other tests in this process made it fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerator_state")
 def test_bf16_mixed_precision_steps_run_on_cpu(tmp_path: Path) -> None:
     from reasonseg.training.recipe import recipe_from_dict
     from reasonseg.training.trainer import Trainer, build_model

@@ -107,7 +107,7 @@ class EncoderCache:
         """Store one image's tensors atomically; returns the file path."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
         os.close(fd)
         try:
             data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
