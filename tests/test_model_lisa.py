@@ -257,3 +257,18 @@ def test_delta_encoding_stores_rows_and_low_rank_updates_exactly() -> None:
         torch.testing.assert_close(restored.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
     with pytest.raises(DeltaError, match="not a tensor of the model"):
         apply_delta(restored, {"full/nope.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("magnitude", [1e-2, 1e-5])
+def test_a_merged_lora_is_stored_as_its_rank_even_when_small(magnitude: float) -> None:
+    from reasonseg.model.delta import _lowrank
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(96, 160, generator=g) * 0.05
+    w = w0 + 2.0 * (torch.randn(96, 8, generator=g) * magnitude) @ torch.randn(
+        8, 160, generator=g
+    )  # float32 merge
+    factors = _lowrank(w - w0, w, max_rank=32)
+    assert factors is not None and factors[0].shape == (96, 8)
+    assert float((w0 + factors[0] @ factors[1] - w).abs().max()) < 1e-6
+    assert _lowrank(torch.randn(96, 160, generator=g), w, max_rank=32) is None  # a dense change stays dense
