@@ -565,7 +565,11 @@ class LisaModel(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, *, progress: Callable[[str], None] | None = None
     ) -> LisaModel:
-        """Load a directory written by :meth:`save_pretrained` (full or delta), strictly."""
+        """Load a directory written by :meth:`save_pretrained` (full or delta), strictly.
+
+        ``progress`` receives one-line status messages (building, loading weights).
+        """
+        say = progress or (lambda msg: None)
         from safetensors.torch import load_model
         from transformers import AutoTokenizer
 
@@ -580,8 +584,10 @@ class LisaModel(nn.Module):
         data.pop("format_version", None)
         config = LisaConfig.from_dict(data)
         tokenizer = AutoTokenizer.from_pretrained(str(root))
+        say(f"building {config.name} ({fmt} checkpoint)")
         if fmt == "full":
             model = cls.from_config(config, load_base=False, tokenizer=tokenizer)
+            say(f"loading {WEIGHTS_NAME}")
             missing, unexpected = load_model(model, str(root / WEIGHTS_NAME), strict=False)
             if missing or unexpected:
                 raise RuntimeError(
@@ -590,6 +596,7 @@ class LisaModel(nn.Module):
                 )
         elif fmt == "delta":
             model = cls.from_config(config, load_base=True, tokenizer=tokenizer)
+            say(f"applying {DELTA_NAME} to the base weights")
             apply_delta(model, load_delta(root / DELTA_NAME))
         else:
             raise ValueError(f"{cfg_path}: unknown format {fmt!r} (expected 'full' or 'delta')")
