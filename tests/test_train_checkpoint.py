@@ -155,6 +155,7 @@ _SAVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_complete_looking_partial(tmp_path: Path) -> None:
     root = tmp_path / "ckpts"
     rng = random.Random(0)

@@ -110,3 +110,41 @@ def test_accelerate_configs_parse_and_build_their_plugins() -> None:
     lm = build_causal_lm(LisaConfig.from_preset("lisa-7b-v1", tiny=True).lm.hf_config)
     assert any(type(m).__name__ == layer_cls for m in lm.modules())
     torch.manual_seed(0)
+
+
+def test_datasets_with_one_name_form_one_mixture_source() -> None:
+    from reasonseg.training.trainer import build_dataset
+
+    r = recipe_from_dict(
+        {
+            "data": {
+                "samples_per_epoch": 12,
+                "datasets": [
+                    {
+                        "name": "a",
+                        "kind": "callable",
+                        "target": "train_support:toy_dataset",
+                        "rate": 3,
+                        "options": {"n": 2},
+                    },
+                    {
+                        "name": "a",
+                        "kind": "callable",
+                        "target": "train_support:toy_dataset",
+                        "options": {"n": 3, "seed": 1},
+                    },
+                    {
+                        "name": "b",
+                        "kind": "callable",
+                        "target": "train_support:toy_dataset",
+                        "rate": 1,
+                        "options": {"n": 1, "seed": 2},
+                    },
+                ],
+            }
+        }
+    )
+    mix = build_dataset(r.data, seed=0)
+    assert len(mix) == 12 and mix.names == ["a", "b"]
+    assert list(mix.rates) == pytest.approx([0.75, 0.25])
+    assert mix.get(5, epoch=1).image_id == mix.get(5, epoch=1).image_id  # deterministic by (index, epoch)
