@@ -529,10 +529,19 @@ class Trainer:
     def _loggers(self, step: int, total: int) -> tuple[Any, Any]:
         if not self.accelerator.is_main_process:
             return None, None
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra
+            import warnings
+
+            warnings.warn(
+                "tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)", stacklevel=2
+            )
+            writer = None
+        else:
+            writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
         bar = None
         if self.recipe.train.progress_bar:
             bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -549,9 +558,13 @@ class Trainer:
             bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}", samples_s=f"{log.samples_per_s:.2f}")
 
 
-def write_loss_curve(history: Sequence[StepLog], path: Path) -> Path:
-    """PNG of the total loss and its three terms against the optimiser step."""
-    import matplotlib
+def write_loss_curve(history: Sequence[StepLog], path: Path) -> Path | None:
+    """PNG of the total loss and its three terms against the optimiser step (None without matplotlib;
+    ``history.json`` beside it holds the same numbers)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
