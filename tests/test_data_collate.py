@@ -85,3 +85,28 @@ def test_works_in_dataloader_workers(tokenizer) -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, collate_fn=col)
     batches = list(loader)
     assert len(batches) == 2 and torch.equal(batches[0].input_ids, col(data[:2]).input_ids)
+
+
+def test_lisa_vocabulary_without_rej_collates_seg_only_data() -> None:
+    """LISA's vocabulary has [SEG] but no [REJ]: [SEG]-only data collates, [REJ] data is refused by name."""
+    from reasonseg.model.lm import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "[SEG]"]})
+    col = LisaCollator(tok, "llava_v1", SamTransform(32), num_image_tokens=2)
+    mask = np.zeros((1, 20, 20), np.uint8)
+    mask[0, 5:10] = 1
+    seg_only = Sample(
+        np.zeros((20, 20, 3), np.uint8),
+        "c",
+        seg_turns("the square", ["seg"], is_sentence=False),
+        mask,
+        "referring",
+        "x",
+    )
+    batch = col([seg_only])
+    assert int((batch.input_ids == tok.convert_tokens_to_ids("[SEG]")).sum()) == 1
+    with pytest.raises(
+        ValueError, match=r"a \(synth\): the conversation holds \[REJ\] but the tokenizer has no"
+    ):
+        col(samples()[:1])

@@ -98,7 +98,13 @@ class LisaCollator:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; pass pad_token_id")
         self.pad_token_id = int(pad)
-        self.slot_ids = {self._token_id(SEG_TOKEN), self._token_id(REJ_TOKEN)}
+        # [SEG] is required; [REJ] only exists in GSVA-style vocabularies (LISA's has [SEG] alone).
+        self.slot_ids = {self._token_id(SEG_TOKEN)}
+        try:
+            self.slot_ids.add(self._token_id(REJ_TOKEN))
+            self.has_rej = True
+        except KeyError:
+            self.has_rej = False
 
     def _token_id(self, token: str) -> int:
         tid = self.tokenizer.convert_tokens_to_ids(token)
@@ -111,6 +117,12 @@ class LisaCollator:
             raise ValueError("cannot collate an empty list of samples")
         encs = []
         for s in samples:
+            if not self.has_rej and any(REJ_TOKEN in t.text for t in s.turns):
+                raise ValueError(
+                    f"{s.image_id} ({s.source}): the conversation holds {REJ_TOKEN} but the tokenizer has no "
+                    f"{REJ_TOKEN} token (LISA vocabularies have only {SEG_TOKEN}; use a GSVA preset or data without "
+                    "no-target queries)"
+                )
             enc = encode_conversation(
                 self.tokenizer, self.template, s.turns, self.num_image_tokens, self.max_length
             )
