@@ -242,6 +242,11 @@ class ReasonSegPredictor:
             return []
         prompts = [self._prompt(q, None) for q in instructions]
         assert self._features is not None
+        # Every prompt starts with the same system prompt + image tokens: their cached keys/values
+        # are shared by the whole batch (repeated per prompt inside generate), not recomputed.
+        prefix = self._prefix_for(prompts[0][1])
+        if prefix is not None and any(len(ids) <= prefix[1] for _, ids in prompts):
+            prefix = None
         out = self.model.generate(
             [ids for _, ids in prompts],
             self._features.select([0] * len(prompts)),
@@ -250,6 +255,7 @@ class ReasonSegPredictor:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            prefix_cache=prefix,
         )
         assert out.masks is not None
         return [

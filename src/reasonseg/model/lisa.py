@@ -406,8 +406,11 @@ class LisaModel(nn.Module):
             use_cache: KV-cached decoding (default). ``False`` re-runs the whole sequence every step:
                 the slow reference the cached path is tested against.
             decode_masks: run the mask decoder on the captured slot embeddings.
-            prefix_cache: ``(cache, P)`` for a single prompt whose first P tokens' keys/values are in
-                ``cache`` (a ``transformers`` ``Cache``, left untouched: a copy is extended).
+            prefix_cache: ``(cache, P)``: the keys/values of a batch-1 prefix of P tokens that every
+                prompt starts with (e.g. system prompt + image tokens, from :meth:`prefix_cache`); a
+                ``transformers`` ``Cache``, left untouched (a copy, repeated per prompt, is extended).
+                Each prompt's remaining tokens are left-padded after the prefix, so the prefix is
+                computed once for the whole batch.
 
         The mask embedding of a generated [SEG]/[REJ] is the last-layer hidden state that produced
         the logits it was chosen from (LISA's one-before rule), captured during decoding.
@@ -420,14 +423,31 @@ class LisaModel(nn.Module):
             raise ValueError("generate needs at least one prompt")
         if images is not None and len(images) != b:
             raise ValueError(f"{len(images)} images for {b} prompts")
-        if prefix_cache is not None and (b != 1 or not use_cache):
-            raise ValueError("prefix_cache works with one prompt and use_cache=True")
-        t = max(len(p) for p in prompts)
+        plen = 0
+        if prefix_cache is not None:
+            if not use_cache:
+                raise ValueError("prefix_cache needs use_cache=True")
+            plen = int(prefix_cache[1])
+            head = prompts[0][:plen]
+            bad = [i for i, p in enumerate(prompts) if len(p) <= plen or not torch.equal(p[:plen], head)]
+            if bad:
+                raise ValueError(
+                    f"prefix_cache holds {plen} tokens; prompts {bad} do not all start with the same "
+                    f"{plen} tokens followed by at least one more"
+                )
+        # Layout [B, P + T]: the shared prefix, then each prompt's rest left-padded (the padding sits
+        # between prefix and rest; the mask hides it and the position ids skip it).
+        t = plen + max(len(p) - plen for p in prompts)
+        # The mask is allocated for the whole answer once; step k uses a view of its first columns.
         ids = torch.full((b, t), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((b, t), dtype=torch.long, device=self.device)
+        full_mask = torch.zeros((b, t + max_new_tokens), dtype=torch.long, device=self.device)
+        full_mask[:, t:] = 1
+        full_mask[:, :plen] = 1
         for i, p in enumerate(prompts):
-            ids[i, t - len(p) :] = p
-            mask[i, t - len(p) :] = 1
+            ids[i, t - (len(p) - plen) :] = p[plen:]
+            ids[i, :plen] = p[:plen]
+            full_mask[i, t - (len(p) - plen) : t] = 1
+        mask = full_mask[:, :t]
         vision = images.vision_tokens if images is not None else None
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         embed_table = self.mllm.lm.get_input_embeddings()
@@ -435,10 +455,13 @@ class LisaModel(nn.Module):
         cache = None
         if use_cache:
             if prefix_cache is not None:
-                cache, plen = copy.deepcopy(prefix_cache[0]), int(prefix_cache[1])
-                full = self.mllm.embed(ids, vision)
+                cache = copy.deepcopy(prefix_cache[0])
+                if b > 1:
+                    cache.batch_repeat_interleave(b)
                 pos = positions_from_mask(mask)
-                hidden = self.mllm.run_decoder(full[:, plen:], mask, pos[:, plen:], cache, True)
+                # Only the tokens after the prefix are embedded (they hold no image placeholders).
+                rest = self.mllm.embed(ids[:, plen:], None)
+                hidden = self.mllm.run_decoder(rest, mask, pos[:, plen:], cache, True)
             else:
                 cache = DynamicCache(config=self.mllm.lm.config)
                 pos = positions_from_mask(mask)
@@ -454,7 +477,7 @@ class LisaModel(nn.Module):
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
         stop = torch.tensor(self.stop_token_ids, device=self.device)
         slots = set(self.slot_token_ids())
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = self.mllm.lm_logits(h_last)  # [B,V]
             nxt = self._next_token(logits, do_sample, temperature, top_p, gen)
             nxt = nxt.masked_fill(finished, self.pad_token_id)
@@ -465,14 +488,14 @@ class LisaModel(nn.Module):
                     slot_hidden[i].append(h_last[i])
                     kinds[i].append(self._kind(tok))
             finished |= torch.isin(nxt, stop)
-            if bool(finished.all()):
+            if bool(finished.all()) or step == max_new_tokens - 1:  # no LM step for an unused token
                 break
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+            mask = full_mask[:, : mask.shape[1] + 1]
             if use_cache:
                 last_pos = last_pos + 1
                 hidden = self.mllm.run_decoder(embed_table(nxt)[:, None], mask, last_pos, cache, True)
             else:
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
                 hidden = self._uncached_step(ids, mask, vision)
             h_last = hidden[:, -1]
 

@@ -1,0 +1,126 @@
+"""Performance paths keep the outputs: the shared image prefix in batched decoding, the decode loop's
+step count, and the per-image work done once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from lisa_tiny_helpers import prompt_ids, single_thread, tiny_model
+from reasonseg.inference.predictor import ReasonSegPredictor
+from reasonseg.model import LisaModel
+
+QUESTIONS = ["Segment the cat.", "?", "Where is the dog in this picture, if there is one at all?"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model() -> LisaModel:
+    with single_thread():
+        return tiny_model("lisa-mobile")
+
+
+def _image() -> np.ndarray:
+    return (np.random.default_rng(1).random((70, 100, 3)) * 255).astype(np.uint8)
+
+
+def _predictor(model: LisaModel, **kw: object) -> ReasonSegPredictor:
+    pred = ReasonSegPredictor(model, max_new_tokens=12, **kw)  # type: ignore[arg-type]
+    pred.set_image(_image())
+    return pred
+
+
+def test_batched_generate_on_a_shared_prefix_equals_each_prompt_alone(model: LisaModel) -> None:
+    pred = _predictor(model)
+    prompts = [prompt_ids(model, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) == 3  # the rests differ in length: padding after the prefix
+    prefix = pred._prefix_for(prompts[0])
+    assert prefix is not None
+    feats = pred._features
+    assert feats is not None
+    batch = model.generate(prompts, feats.select([0, 0, 0]), max_new_tokens=12, prefix_cache=prefix)
+    for i, p in enumerate(prompts):
+        alone = model.generate([p], feats, max_new_tokens=12, use_cache=False)
+        assert batch.sequences[i].tolist() == alone.sequences[0].tolist(), QUESTIONS[i]
+        assert batch.kinds[i] == alone.kinds[0]
+        assert batch.masks is not None and alone.masks is not None
+        torch.testing.assert_close(batch.masks[i].logits, alone.masks[0].logits, atol=1e-4, rtol=1e-4)
+    # The cached prefix is left untouched (a copy is extended per call).
+    again = model.generate(prompts[:1], feats, max_new_tokens=12, prefix_cache=prefix)
+    assert again.sequences[0].tolist() == batch.sequences[0].tolist()
+
+
+def test_predict_batch_computes_the_image_prefix_once_and_never_re_feeds_it(model: LisaModel) -> None:
+    pred = _predictor(model)
+    calls: list[int] = []
+    lengths: list[int] = []
+    real_prefix, real_run = model.prefix_cache, model.mllm.run_decoder
+
+    def spy_prefix(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real_prefix(*a, **k)
+
+    def spy_run(embeds, *a, **k):  # type: ignore[no-untyped-def]
+        lengths.append(int(embeds.shape[1]))
+        return real_run(embeds, *a, **k)
+
+    model.prefix_cache, model.mllm.run_decoder = spy_prefix, spy_run  # type: ignore[method-assign]
+    try:
+        batch = pred.predict_batch(QUESTIONS)
+        first_lengths = list(lengths)
+        pred.predict_batch(QUESTIONS[:2])
+    finally:
+        del model.prefix_cache, model.mllm.run_decoder
+    assert len(calls) == 1
+    assert pred._prefix is not None
+    plen = pred._prefix[2]
+    # The prefix once, then the batch's prefill covers the prompts' rests only (no image tokens).
+    assert first_lengths[0] == plen
+    assert first_lengths[1] == max(len(prompt_ids(model, q)) for q in QUESTIONS) - plen
+    assert max(first_lengths[2:]) == 1
+    assert plen not in lengths[len(first_lengths) :]  # the second batch reuses the prefix
+    singles = [_predictor(model, cache_prefix=False).predict(q) for q in QUESTIONS]
+    for b, s in zip(batch, singles, strict=True):
+        assert b.text == s.text and np.array_equal(b.masks, s.masks)
+
+
+def test_decode_runs_no_lm_step_for_the_token_after_the_last(model: LisaModel) -> None:
+    pred = _predictor(model)
+    steps: list[int] = []
+    real_run = model.mllm.run_decoder
+
+    def spy_run(embeds, *a, **k):  # type: ignore[no-untyped-def]
+        steps.append(int(embeds.shape[1]))
+        return real_run(embeds, *a, **k)
+
+    stops = model.stop_token_ids
+    model.stop_token_ids = []  # no early stop: exactly max_new_tokens tokens
+    model.mllm.run_decoder = spy_run  # type: ignore[method-assign]
+    try:
+        out = model.generate([prompt_ids(model, "What?")], pred._features, max_new_tokens=5)
+    finally:
+        del model.mllm.run_decoder
+        model.stop_token_ids = stops
+    assert len(out.sequences[0]) == 5
+    assert len(steps) == 5 and steps[1:] == [1, 1, 1, 1]  # one prefill + 4 steps, not 5
+
+
+def test_a_prefix_cache_that_the_prompts_do_not_share_is_an_error(model: LisaModel) -> None:
+    pred = _predictor(model)
+    a, b = prompt_ids(model, "What?"), prompt_ids(model, "Why?")
+    prefix = pred._prefix_for(a)
+    assert prefix is not None
+    b = b.clone()
+    b[0] = (int(b[0]) + 1) % 100
+    with pytest.raises(ValueError, match="do not all start with the same"):
+        model.generate([a, b], pred._features.select([0, 0]), prefix_cache=prefix)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="use_cache"):
+        model.generate([a], pred._features, prefix_cache=prefix, use_cache=False)
