@@ -145,21 +145,46 @@ class LisaModel(nn.Module):
     # ------------------------------------------------------------------------------------------ building
 
     @classmethod
-    def from_preset(cls, name: str, tiny: bool = False, *, load_weights: bool = True) -> LisaModel:
+    def from_preset(
+        cls,
+        name: str,
+        tiny: bool = False,
+        *,
+        load_weights: bool = True,
+        dtype: torch.dtype | None = None,
+        quantization: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> LisaModel:
         """A named preset (``lisa-7b-v1``, ``lisa-13b-llama2-v1``, ``gsva-7b``, ``lisa-mobile``).
 
         ``tiny=True`` gives the same layout at tiny random sizes (for tests). Otherwise the base weights
         (LM, SAM, CLIP) are loaded when ``load_weights``; the new parts (head, projector unless the
-        preset ships one, new token rows) start random.
+        preset ships one, new token rows) start random. ``dtype``, ``quantization``, ``device``: see
+        :meth:`apply_memory_options`.
         """
-        return cls.from_config(LisaConfig.from_preset(name, tiny=tiny), load_base=load_weights and not tiny)
+        return cls.from_config(
+            LisaConfig.from_preset(name, tiny=tiny),
+            load_base=load_weights and not tiny,
+            dtype=dtype,
+            quantization=quantization,
+            device=device,
+        )
 
     @classmethod
     def from_config(
-        cls, config: LisaConfig, *, load_base: bool = False, tokenizer: Any | None = None
+        cls,
+        config: LisaConfig,
+        *,
+        load_base: bool = False,
+        tokenizer: Any | None = None,
+        dtype: torch.dtype | None = None,
+        quantization: str | None = None,
+        device: torch.device | str | None = None,
     ) -> LisaModel:
         """Build the model for ``config``; ``load_base`` loads the base weights named in it (LM
-        ``pretrained``, SAM ``checkpoint``, CLIP ``clip_pretrained``), else everything is random."""
+        ``pretrained``, SAM ``checkpoint``, CLIP ``clip_pretrained``), else everything is random.
+        ``dtype``, ``quantization``, ``device``: see :meth:`apply_memory_options`."""
+        _check_memory_options(quantization, device)  # fail before the (long) build
         config = copy.deepcopy(config)
         sources: dict[str, str] = {}
         seconds: dict[str, float] = {}
@@ -191,7 +216,40 @@ class LisaModel(nn.Module):
         mllm = MultimodalLM(tower, projector, lm, image_id, config.num_image_tokens)
         model = cls(config, tokenizer, mllm, sam)
         model.build_report = BuildReport(sources, seconds)
-        return model.eval()
+        return model.apply_memory_options(dtype=dtype, quantization=quantization, device=device).eval()
+
+    def apply_memory_options(
+        self,
+        *,
+        dtype: torch.dtype | None = None,
+        quantization: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> LisaModel:
+        """Memory options for GPU users, applied in place in this order: cast to ``dtype`` (e.g.
+        ``torch.bfloat16``: half the memory of float32), move to ``device``, then quantise the LM's
+        linear layers with bitsandbytes (``quantization="8bit"`` or ``"4bit"``, CUDA only; the LM
+        head, the embeddings, the vision parts and SAM keep ``dtype``; see
+        :func:`reasonseg.model.lm.quantize_lm`). Do not cast a quantised model afterwards.
+
+        Raises:
+            ValueError: an unknown ``quantization``. RuntimeError: quantisation without CUDA or
+            without ``bitsandbytes`` (the message says which).
+        """
+        _check_memory_options(quantization, device)
+        if dtype is not None:
+            self.to(dtype)
+        if device is not None:
+            self.to(device)
+        if quantization is not None:
+            from reasonseg.model.lm import quantize_lm
+
+            quantize_lm(
+                self.mllm.lm,
+                quantization,
+                device=device if device is not None else "cuda",
+                compute_dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16,
+            )
+        return self
 
     # --------------------------------------------------------------------------------------- properties
 
@@ -586,12 +644,20 @@ class LisaModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, progress: Callable[[str], None] | None = None
+        cls,
+        directory: str | Path,
+        *,
+        progress: Callable[[str], None] | None = None,
+        dtype: torch.dtype | None = None,
+        quantization: str | None = None,
+        device: torch.device | str | None = None,
     ) -> LisaModel:
-        """Load a directory written by :meth:`save_pretrained` (full or delta), strictly.
+        """Load a directory written by :meth:`save_pretrained` (full or delta), strictly; then apply
+        ``dtype``, ``quantization``, ``device`` (see :meth:`apply_memory_options`).
 
         ``progress`` receives one-line status messages (building, loading weights).
         """
+        _check_memory_options(quantization, device)
         say = progress or (lambda msg: None)
         from safetensors.torch import load_model
         from transformers import AutoTokenizer
@@ -623,7 +689,19 @@ class LisaModel(nn.Module):
             apply_delta(model, load_delta(root / DELTA_NAME))
         else:
             raise ValueError(f"{cfg_path}: unknown format {fmt!r} (expected 'full' or 'delta')")
-        return model.eval()
+        return model.apply_memory_options(dtype=dtype, quantization=quantization, device=device).eval()
+
+
+def _check_memory_options(quantization: str | None, device: torch.device | str | None) -> None:
+    if quantization is None:
+        return
+    from reasonseg.model.lm import _bitsandbytes
+
+    if device is not None and torch.device(device).type != "cuda":
+        raise RuntimeError(
+            f"quantization={quantization!r} needs a CUDA device (bitsandbytes), got device={str(device)!r}"
+        )
+    _bitsandbytes(quantization)
 
 
 def _base_prefixes(config: LisaConfig) -> list[str]:

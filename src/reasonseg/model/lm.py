@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 __all__ = [
+    "QUANTIZATIONS",
     "SMOLLM2_CACHE_NAME",
     "SMOLLM2_HUB_ID",
     "build_causal_lm",
     "build_tiny_tokenizer",
     "load_smollm2",
+    "quantize_lm",
 ]
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -167,3 +169,81 @@ def load_smollm2(*, progress: Callable[[str], None] | None = None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+def _bitsandbytes(kind: str) -> Any:
+    """The ``bitsandbytes`` module, or an error naming why ``kind`` cannot be used here."""
+    if kind not in QUANTIZATIONS:
+        raise ValueError(f"quantization={kind!r}: expected one of {QUANTIZATIONS} or None")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"quantization={kind!r} needs a CUDA GPU: bitsandbytes' 8-bit/4-bit kernels run on CUDA only "
+            "and torch.cuda.is_available() is False here (use the default float32, or bfloat16, on CPU)"
+        )
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise RuntimeError(
+            f"quantization={kind!r} needs the 'bitsandbytes' package, which is not installed "
+            "(pip install bitsandbytes)"
+        ) from err
+    return bitsandbytes
+
+
+def quantize_lm(
+    lm: nn.Module,
+    kind: str,
+    *,
+    device: torch.device | str = "cuda",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip: Sequence[str] = ("lm_head",),
+) -> int:
+    """Replace the LM's ``nn.Linear`` layers by bitsandbytes 8-bit (LLM.int8) or 4-bit (NF4, double
+    quantisation) layers holding the same weights, quantised on ``device`` (CUDA). In place; returns
+    the number of layers replaced.
+
+    Works on any loaded or random LM (the weights already in the layers are what gets quantised), so
+    load or build the LM in float32/bfloat16 first, cast the rest of the model, then quantise; do not
+    cast a quantised model afterwards. Layers whose qualified name ends with one of ``skip`` stay as
+    they are: the LM head keeps full precision (its new ``[SEG]`` rows are trained), and so does the
+    embedding table (not a Linear). Activations are computed in ``compute_dtype`` (4-bit).
+
+    Raises:
+        ValueError: ``kind`` is not ``"8bit"`` or ``"4bit"``.
+        RuntimeError: no CUDA device, or ``bitsandbytes`` is not installed (the message says which).
+    """
+    bnb = _bitsandbytes(kind)
+    targets = [
+        (name, mod)
+        for name, mod in lm.named_modules()
+        if type(mod) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)
+    ]
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = lm.get_submodule(parent_name) if parent_name else lm
+        weight = lin.weight.data.to("cpu", torch.float16 if kind == "8bit" else compute_dtype)
+        has_bias = lin.bias is not None
+        if kind == "8bit":
+            new = bnb.nn.Linear8bitLt(
+                lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+            )
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=has_bias,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
+            new.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, quant_type="nf4", compress_statistics=True
+            )
+        if has_bias:
+            new.bias = nn.Parameter(lin.bias.data.to(weight.dtype), requires_grad=False)
+        setattr(parent, child, new.to(device))  # moving to CUDA quantises the weight
+    return len(targets)
