@@ -1,0 +1,195 @@
+"""lisa-mobile per stage on this CPU: where a first query and a cached follow-up spend their time.
+
+    .venv/bin/python bench/bench_lisa_stages.py [--threads 1] [--repeats 5] [--answer-tokens 8] [--no-append]
+
+Every stage is called on its own, all stages in turn inside one loop (``time_interleaved``), so that
+the load of other jobs on the shared cores hits them alike; the figures are medians.
+
+Stages (real SmolLM2-135M-Instruct + MobileSAM weights, untrained LISA head, skimage's coffee photo):
+
+* ``preprocess``: decode + resize + normalise + pad the photo (``load_image`` + ``SamTransform``).
+* ``image encoder alone``: MobileSAM's TinyViT on [1,3,1024,1024] (the reference of the first query).
+* ``encode``: ``model.encode_images``: the encoder plus the pooled, projected LM image tokens.
+* ``LM prefill, image prefix``: system prompt + 64 image tokens into the KV cache (once per image).
+* ``LM prefill, query``: the question's own tokens on a copy of the cached prefix (every query).
+* ``decode, per token``: one cached LM step + LM head + argmax.
+* ``mask decode``: LISA head + SAM prompt/mask decoder for one ``[SEG]``.
+* ``postprocess``: low-res logits -> original-size logits, masks, scores (``ReasonSegPredictor``).
+
+Composed rows: a first query = preprocess + encode + both prefills + N decode steps + mask decode +
+postprocess; a follow-up on the cached image = query prefill + N decode steps + mask decode +
+postprocess, for an N-token answer (``--answer-tokens``, 8 by default: ``Sure, it is [SEG].`` plus the
+end token is 8 SmolLM2 tokens). End-to-end rows time ``set_image`` + ``predict`` and ``predict`` alone
+with the (untrained) model's own greedy answer capped at N tokens, stop tokens kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_benchmarks, format_table, median, time_interleaved
+
+QUESTION = "Can you segment the cup in this image?"
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the note)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--answer-tokens", type=int, default=8)
+    ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = _load_average()
+
+    import skimage.data
+
+    from reasonseg.data.conversation import Turn, encode_conversation
+    from reasonseg.data.transforms import load_image
+    from reasonseg.inference.predictor import ReasonSegPredictor
+    from reasonseg.model import LisaModel
+
+    model = LisaModel.from_preset("lisa-mobile")
+    image = skimage.data.coffee()
+    pred = ReasonSegPredictor(model, max_new_tokens=args.answer_tokens)
+    prepared = pred.transform.prepare(load_image(image))
+    pixels = prepared.pixels[None]
+    feats = model.encode_images(pixels, [prepared.resized_hw], [prepared.original_hw])
+    ids = encode_conversation(
+        model.tokenizer,
+        model.config.template,
+        [Turn("user", QUESTION)],
+        model.num_image_tokens,
+        add_generation_prompt=True,
+    ).input_ids
+    pred.set_image(image)
+    prefix_cache, plen = pred._prefix_for(ids)  # type: ignore[misc]
+    prefix_ids = ids[:plen]
+    tail = ids[plen:]
+    mask_full = torch.ones(1, len(ids), dtype=torch.long)
+    tail_pos = torch.arange(plen, len(ids))[None]
+    tail_embeds = model.mllm.embed(tail[None], None)
+    step_cache = copy.deepcopy(prefix_cache)
+    model.mllm.run_decoder(tail_embeds, mask_full, tail_pos, step_cache, True)
+    step_len = len(ids)
+    tok = torch.tensor([[model.seg_token_id]])
+    hidden = torch.randn(1, model.mllm.hidden_size)
+    low_res = model.decode_masks(
+        hidden, feats.sam_embeddings, feats.resized_hw[0], feats.original_hw[0], ["seg"]
+    )
+
+    def preprocess() -> None:
+        pred.transform.prepare(load_image(image))
+
+    def encoder_alone() -> None:
+        model.sam.image_encoder(pixels)
+
+    def encode() -> None:
+        model.encode_images(pixels, [prepared.resized_hw], [prepared.original_hw])
+
+    def prefill_prefix() -> None:
+        model.prefix_cache(prefix_ids, feats)
+
+    def prefill_query() -> None:
+        cache = copy.deepcopy(prefix_cache)
+        model.mllm.run_decoder(model.mllm.embed(tail[None], None), mask_full, tail_pos, cache, True)
+
+    def decode_step() -> None:
+        # One step on a cache holding the prompt; cropped back so its length stays fixed.
+        mask = torch.ones(1, step_len + 1, dtype=torch.long)
+        h = model.mllm.run_decoder(
+            model.mllm.lm.get_input_embeddings()(tok), mask, torch.tensor([[step_len]]), step_cache, True
+        )
+        model.mllm.lm_logits(h[:, -1]).argmax(-1)
+        step_cache.crop(-1)  # drop the step just added
+
+    def mask_decode() -> None:
+        prompt = model.text_hidden_fcs(hidden)
+        pe = model.sam.prompt_encoder
+        h, w = feats.sam_embeddings.shape[-2:]
+        model.sam.mask_decoder(
+            image_embeddings=feats.sam_embeddings,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=prompt[:, None],
+            dense_prompt_embeddings=pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w),
+            multimask_output=False,
+        )
+
+    def postprocess() -> None:
+        from reasonseg.data.transforms import postprocess_masks
+
+        full = postprocess_masks(
+            low_res.low_res_logits[:, None], feats.resized_hw[0], feats.original_hw[0], model.sam.image_size
+        )
+        masks = copy.copy(low_res)
+        masks.logits = full[:, 0]
+        pred._prediction("Sure, it is [SEG].", masks, [Turn("user", QUESTION)], False)
+
+    answers: list[str] = []
+
+    def first_query() -> None:
+        pred.set_image(image)
+        answers.append(pred.predict(QUESTION).text)
+
+    def follow_up() -> None:
+        answers.append(pred.predict(QUESTION).text)
+
+    stages = {
+        "preprocess": preprocess,
+        "image encoder alone": encoder_alone,
+        "encode": encode,
+        "LM prefill, image prefix": prefill_prefix,
+        "LM prefill, query": prefill_query,
+        "decode, per token": decode_step,
+        "mask decode": mask_decode,
+        "postprocess": postprocess,
+        "end-to-end first query": first_query,
+        "end-to-end follow-up": follow_up,
+    }
+    with torch.inference_mode():
+        times = time_interleaved(stages, repeats=args.repeats, warmup=1)
+    med = {k: median(v) * 1000 for k, v in times.items()}
+    n = args.answer_tokens
+    follow = med["LM prefill, query"] + n * med["decode, per token"] + med["mask decode"] + med["postprocess"]
+    first = med["preprocess"] + med["encode"] + med["LM prefill, image prefix"] + follow
+    enc = med["image encoder alone"]
+    answer_len = len(model.tokenizer(answers[-1]).input_ids) if answers else 0
+
+    rows = [[name, f"{ms:.1f}", f"{ms / enc:.3f}"] for name, ms in med.items()]
+    rows.append([f"composed first query ({n}-token answer)", f"{first:.1f}", f"{first / enc:.3f}"])
+    rows.append([f"composed follow-up ({n}-token answer)", f"{follow:.1f}", f"{follow / enc:.3f}"])
+    table = format_table(["stage", "median ms", "x encoder"], rows)
+    load_after = _load_average()
+    notes = [
+        f"{args.threads} torch thread(s); median of {args.repeats} interleaved rounds after 1 warm-up; "
+        f"load average (1/5/15 min) before {load_before}, after {load_after}",
+        f"prompt {len(ids)} tokens ({plen} cached with the image, {len(tail)} per query); "
+        f"end-to-end answer ({answer_len} tokens, untrained model, cap {n}): {answers[-1]!r}",
+        f"goals: follow-up <= 150 ms -> composed {follow:.0f} ms; first query <= 1.3x encoder -> "
+        f"composed {first / enc:.2f}x, end-to-end {med['end-to-end first query'] / enc:.2f}x",
+        "training samples/s: see the bench/bench_train.py sections",
+    ]
+    print(table)
+    print("\n".join(notes))
+    if not args.no_append:
+        append_benchmarks("lisa-mobile per stage (CPU)", table, notes)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
