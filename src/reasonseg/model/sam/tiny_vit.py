@@ -199,7 +199,7 @@ class WindowAttention(nn.Module):
     def bias(self) -> torch.Tensor:
         """The learned bias gathered per (query, key) pair: [heads, N, N]."""
         p = self.attention_biases
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._bias_cache = None
             return p[:, self.attention_bias_idxs]
         key = (p._version, p.data_ptr(), p.device)
