@@ -42,25 +42,6 @@ class _EncodedImage:
     vision_tokens: torch.Tensor  # [B,N,H]
 
 
-def _fingerprint(modules: dict[str, torch.nn.Module], config: str) -> str:
-    """sha256 over the encoders' state (names, shapes, dtypes, bytes) and a config string.
-
-    Same recipe as ``reasonseg.training.encoder_cache.encoder_fingerprint``, but safe for 0-dim
-    buffers (TinyViT's BatchNorm ``num_batches_tracked``), which that function cannot view as bytes.
-    """
-    import hashlib
-
-    h = hashlib.sha256(config.encode())
-    for label in sorted(modules):
-        h.update(f"|module:{label}|".encode())
-        for name, tensor in modules[label].state_dict().items():
-            t = tensor.detach().to("cpu").contiguous().reshape(-1)
-            h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-            if t.numel():
-                h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class LisaSegmenter:
     """Evaluate a :class:`LisaModel` (see the module docstring).
 
@@ -94,9 +75,9 @@ class LisaSegmenter:
         self.max_length = max_length
         self.cache: Any = None
         if cache_dir is not None:
-            from reasonseg.training.encoder_cache import EncoderCache
+            from reasonseg.training.encoder_cache import EncoderCache, encoder_fingerprint
 
-            fingerprint = _fingerprint(
+            fingerprint = encoder_fingerprint(
                 {
                     "sam_image_encoder": model.sam.image_encoder,
                     "vision_tower": model.mllm.vision_tower,
