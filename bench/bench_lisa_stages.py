@@ -15,6 +15,8 @@ Stages (real SmolLM2-135M-Instruct + MobileSAM weights, untrained LISA head, ski
 * ``decode, per token``: one cached LM step + LM head + argmax.
 * ``mask decode``: LISA head + SAM prompt/mask decoder for one ``[SEG]``.
 * ``postprocess``: low-res logits -> original-size logits, masks, scores (``ReasonSegPredictor``).
+* ``4 questions``: four one-turn questions on the cached image, one ``predict`` each vs one
+  ``predict_batch`` (answers capped at N tokens).
 
 Composed rows: a first query = preprocess + encode + both prefills + N decode steps + mask decode +
 postprocess; a follow-up on the cached image = query prefill + N decode steps + mask decode +
@@ -149,6 +151,15 @@ def main() -> None:
     def follow_up() -> None:
         answers.append(pred.predict(QUESTION).text)
 
+    batch_qs = [QUESTION, "Where is the spoon?", "Segment the saucer, please.", "What could I drink from?"]
+
+    def singles() -> None:
+        for q in batch_qs:
+            pred.predict(q)
+
+    def batched() -> None:
+        pred.predict_batch(batch_qs)
+
     stages = {
         "preprocess": preprocess,
         "image encoder alone": encoder_alone,
@@ -160,6 +171,8 @@ def main() -> None:
         "postprocess": postprocess,
         "end-to-end first query": first_query,
         "end-to-end follow-up": follow_up,
+        "4 questions, one predict each": singles,
+        "4 questions, one predict_batch": batched,
     }
     with torch.inference_mode():
         times = time_interleaved(stages, repeats=args.repeats, warmup=1)
@@ -182,6 +195,8 @@ def main() -> None:
         f"end-to-end answer ({answer_len} tokens, untrained model, cap {n}): {answers[-1]!r}",
         f"goals: follow-up <= 150 ms -> composed {follow:.0f} ms; first query <= 1.3x encoder -> "
         f"composed {first / enc:.2f}x, end-to-end {med['end-to-end first query'] / enc:.2f}x",
+        f"predict_batch of 4 vs 4 predicts (cached image prefix shared by the batch): x"
+        f"{med['4 questions, one predict each'] / med['4 questions, one predict_batch']:.2f}",
         "training samples/s: see the bench/bench_train.py sections",
     ]
     print(table)

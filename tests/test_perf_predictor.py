@@ -124,3 +124,23 @@ def test_a_prefix_cache_that_the_prompts_do_not_share_is_an_error(model: LisaMod
         model.generate([a, b], pred._features.select([0, 0]), prefix_cache=prefix)  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="use_cache"):
         model.generate([a], pred._features, prefix_cache=prefix, use_cache=False)
+
+
+def test_num_threads_is_a_setting(model: LisaModel) -> None:
+    before = torch.get_num_threads()
+    try:
+        ReasonSegPredictor(model, num_threads=1)
+        assert torch.get_num_threads() == 1
+        ReasonSegPredictor(model)  # None keeps torch's setting
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        ReasonSegPredictor(model, num_threads=0)
+
+
+def test_predict_runs_in_inference_mode_and_set_image_keeps_trainable_features(model: LisaModel) -> None:
+    pred = _predictor(model)
+    assert pred._features is not None and not pred._features.sam_embeddings.is_inference()
+    pred.predict("What?")
+    assert pred._prefix is not None and pred._prefix[0].is_inference()

@@ -111,10 +111,26 @@ class ReasonSegPredictor:
         model: a :class:`LisaModel` (switched to eval mode).
         max_new_tokens: default answer length limit.
         cache_prefix: keep the keys/values of the prompt prefix that ends with the image tokens.
+        num_threads: if given, ``torch.set_num_threads(num_threads)`` (process-wide). On a small CPU
+            shared with other work, fewer threads than cores is often faster: torch's threads
+            spin-wait for each other, so one busy core slows every operation down (on the 2-core
+            machine of ``BENCHMARKS.md``, under load, 1 thread beat 2). None keeps torch's setting.
     """
 
-    def __init__(self, model: LisaModel, *, max_new_tokens: int = 64, cache_prefix: bool = True) -> None:
+    def __init__(
+        self,
+        model: LisaModel,
+        *,
+        max_new_tokens: int = 64,
+        cache_prefix: bool = True,
+        num_threads: int | None = None,
+    ) -> None:
         from reasonseg.data.transforms import SamTransform
+
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+            torch.set_num_threads(num_threads)
 
         self.model = model.eval()
         self.transform = SamTransform(model.sam.image_size)
@@ -187,7 +203,7 @@ class ReasonSegPredictor:
             self._prefix = (prefix, cache, plen)
         return self._prefix[1], self._prefix[2]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(
         self,
         instruction: str,
@@ -224,7 +240,7 @@ class ReasonSegPredictor:
         assert out.masks is not None
         return self._prediction(out.texts[0], out.masks[0], turns, return_logits)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_batch(
         self,
         instructions: Sequence[str],
