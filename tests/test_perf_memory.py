@@ -31,7 +31,9 @@ def test_quantization_without_cuda_is_a_clear_error(monkeypatch: pytest.MonkeyPa
         LisaModel.from_preset("lisa-mobile", tiny=True, quantization="4bit")
     with pytest.raises(RuntimeError, match=r"needs a CUDA device.*device='cpu'"):
         LisaModel.from_preset("lisa-mobile", tiny=True, quantization="8bit", device="cpu")
-    with pytest.raises(ValueError, match=r"quantization='3bit': expected one of \('8bit', '4bit'\)"):
+    with pytest.raises(
+        ValueError, match=r"quantization='3bit': expected one of \('8bit', '4bit', 'cpu-int8'\)"
+    ):
         quantize_lm(nn.Linear(2, 2), "3bit")
 
 
@@ -115,3 +117,31 @@ def test_bf16_option_casts_the_whole_model() -> None:
         [prompt_ids(model, "What?")], model.encode_images(random_pixels(model)), max_new_tokens=3
     )
     assert len(out.sequences[0]) >= 1
+
+
+def test_cpu_int8_quantises_the_decoder_linears_and_keeps_the_head() -> None:
+    torch.manual_seed(0)
+    ref = LisaModel.from_preset("lisa-mobile", tiny=True)
+    torch.manual_seed(0)
+    model = LisaModel.from_preset("lisa-mobile", tiny=True, quantization="cpu-int8")
+    quantised = [m for m in model.mllm.lm.model.modules() if "quantized" in type(m).__module__]
+    assert quantised and not any(type(m) is nn.Linear for m in model.mllm.lm.model.modules())
+    assert type(model.mllm.lm.get_output_embeddings()) is nn.Linear
+    feats = model.encode_images(random_pixels(model))
+    ids = prompt_ids(model, "Segment the cat.")
+    out = model.generate([ids], feats, max_new_tokens=4, decode_masks=False)
+    assert len(out.sequences[0]) >= 1
+    # int8 weights: close to, not equal to, the float32 LM's hidden states.
+    emb = ref.mllm.embed(ids[None], feats.vision_tokens)
+    mask = torch.ones_like(ids[None])
+    pos = torch.arange(len(ids))[None]
+    h_ref = ref.mllm.run_decoder(emb, mask, pos)
+    h_q = model.mllm.run_decoder(emb, mask, pos)
+    assert (h_q - h_ref).abs().max() < 0.2 * h_ref.abs().max()
+
+
+def test_cpu_int8_errors_name_the_reason() -> None:
+    with pytest.raises(RuntimeError, match="runs on the CPU only, got device='cuda'"):
+        LisaModel.from_preset("lisa-mobile", tiny=True, quantization="cpu-int8", device="cuda")
+    with pytest.raises(RuntimeError, match=r"needs a float32 LM on the CPU, found \['torch.bfloat16'\]"):
+        LisaModel.from_preset("lisa-mobile", tiny=True, quantization="cpu-int8", dtype=torch.bfloat16)

@@ -229,7 +229,9 @@ class LisaModel(nn.Module):
         ``torch.bfloat16``: half the memory of float32), move to ``device``, then quantise the LM's
         linear layers with bitsandbytes (``quantization="8bit"`` or ``"4bit"``, CUDA only; the LM
         head, the embeddings, the vision parts and SAM keep ``dtype``; see
-        :func:`reasonseg.model.lm.quantize_lm`). Do not cast a quantised model afterwards.
+        :func:`reasonseg.model.lm.quantize_lm`), or with torch's dynamic int8 on a CPU
+        (``"cpu-int8"``, float32 model: faster batch-1 decoding). Do not cast a quantised model
+        afterwards.
 
         Raises:
             ValueError: an unknown ``quantization``. RuntimeError: quantisation without CUDA or
@@ -246,7 +248,7 @@ class LisaModel(nn.Module):
             quantize_lm(
                 self.mllm.lm,
                 quantization,
-                device=device if device is not None else "cuda",
+                device=device if device is not None else ("cpu" if quantization == "cpu-int8" else "cuda"),
                 compute_dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16,
             )
         return self
@@ -695,13 +697,9 @@ class LisaModel(nn.Module):
 def _check_memory_options(quantization: str | None, device: torch.device | str | None) -> None:
     if quantization is None:
         return
-    from reasonseg.model.lm import _bitsandbytes
+    from reasonseg.model.lm import _check_quantization
 
-    if device is not None and torch.device(device).type != "cuda":
-        raise RuntimeError(
-            f"quantization={quantization!r} needs a CUDA device (bitsandbytes), got device={str(device)!r}"
-        )
-    _bitsandbytes(quantization)
+    _check_quantization(quantization, device)
 
 
 def _base_prefixes(config: LisaConfig) -> list[str]:

@@ -171,12 +171,28 @@ def load_smollm2(*, progress: Callable[[str], None] | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-QUANTIZATIONS = ("8bit", "4bit")
+QUANTIZATIONS = ("8bit", "4bit", "cpu-int8")
+BNB_QUANTIZATIONS = ("8bit", "4bit")
+
+
+def _check_quantization(kind: str, device: torch.device | str | None) -> None:
+    """An error naming why ``kind`` cannot be used on ``device`` (None: the kind's default)."""
+    if kind not in QUANTIZATIONS:
+        raise ValueError(f"quantization={kind!r}: expected one of {QUANTIZATIONS} or None")
+    if kind == "cpu-int8":
+        if device is not None and torch.device(device).type != "cpu":
+            raise RuntimeError(f"quantization='cpu-int8' runs on the CPU only, got device={str(device)!r}")
+        return
+    if device is not None and torch.device(device).type != "cuda":
+        raise RuntimeError(
+            f"quantization={kind!r} needs a CUDA device (bitsandbytes), got device={str(device)!r}"
+        )
+    _bitsandbytes(kind)
 
 
 def _bitsandbytes(kind: str) -> Any:
     """The ``bitsandbytes`` module, or an error naming why ``kind`` cannot be used here."""
-    if kind not in QUANTIZATIONS:
+    if kind not in BNB_QUANTIZATIONS:
         raise ValueError(f"quantization={kind!r}: expected one of {QUANTIZATIONS} or None")
     if not torch.cuda.is_available():
         raise RuntimeError(
@@ -205,6 +221,11 @@ def quantize_lm(
     quantisation) layers holding the same weights, quantised on ``device`` (CUDA). In place; returns
     the number of layers replaced.
 
+    ``kind="cpu-int8"`` instead uses torch's dynamic int8 quantisation (int8 weights, activations
+    quantised per call; float32 model on the CPU): a token step of the LM reads a quarter of the
+    bytes, which is what bounds batch-1 decoding on a CPU. Outputs change (it is a quantised model);
+    opt in only where that is acceptable.
+
     Works on any loaded or random LM (the weights already in the layers are what gets quantised), so
     load or build the LM in float32/bfloat16 first, cast the rest of the model, then quantise; do not
     cast a quantised model afterwards. Layers whose qualified name ends with one of ``skip`` stay as
@@ -215,6 +236,9 @@ def quantize_lm(
         ValueError: ``kind`` is not ``"8bit"`` or ``"4bit"``.
         RuntimeError: no CUDA device, or ``bitsandbytes`` is not installed (the message says which).
     """
+    if kind == "cpu-int8":
+        _check_quantization(kind, device if torch.device(device).type == "cpu" else None)
+        return _quantize_cpu_int8(lm, skip)
     bnb = _bitsandbytes(kind)
     targets = [
         (name, mod)
@@ -247,3 +271,28 @@ def quantize_lm(
             new.bias = nn.Parameter(lin.bias.data.to(weight.dtype), requires_grad=False)
         setattr(parent, child, new.to(device))  # moving to CUDA quantises the weight
     return len(targets)
+
+
+def _quantize_cpu_int8(lm: nn.Module, skip: Sequence[str]) -> int:
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as err:  # torch builds without the eager-mode quantisation API
+        raise RuntimeError("quantization='cpu-int8' needs torch.ao.quantization.quantize_dynamic") from err
+    import warnings
+
+    names = [
+        name
+        for name, mod in lm.named_modules()
+        if type(mod) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)
+    ]
+    bad = {str(p.dtype) for p in lm.parameters() if p.dtype != torch.float32} | {
+        str(p.device) for p in lm.parameters() if p.device.type != "cpu"
+    }
+    if bad:
+        raise RuntimeError(f"quantization='cpu-int8' needs a float32 LM on the CPU, found {sorted(bad)}")
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation API (and quantised tensors) are marked deprecated.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
+        quantize_dynamic(lm, set(names), dtype=torch.qint8, inplace=True)
+    return len(names)
