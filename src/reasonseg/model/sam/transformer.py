@@ -134,8 +134,10 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = image_embedding.flatten(2).transpose(1, 2)  # [B, h*w, C]
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # [B, C, h, w] -> [B, h*w, C], made contiguous once: transposed views would otherwise be copied
+        # again by every projection and propagate their strides through every add.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
