@@ -15,6 +15,8 @@ Stages (real SmolLM2-135M-Instruct + MobileSAM weights, untrained LISA head, ski
 * ``decode, per token``: one cached LM step + LM head + argmax.
 * ``mask decode``: LISA head + SAM prompt/mask decoder for one ``[SEG]``.
 * ``postprocess``: low-res logits -> original-size logits, masks, scores (``ReasonSegPredictor``).
+* ``--int8``: the decode step and the follow-up again with ``quantization="cpu-int8"`` (torch dynamic
+  int8 LM: an opt-in option that changes the outputs slightly).
 * ``4 questions``: four one-turn questions on the cached image, one ``predict`` each vs one
   ``predict_batch`` (answers capped at N tokens).
 
@@ -54,6 +56,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the note)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--answer-tokens", type=int, default=8)
+    ap.add_argument(
+        "--int8", action="store_true", help="also time the LM with quantization='cpu-int8' (opt-in option)"
+    )
     ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,6 +179,28 @@ def main() -> None:
         "4 questions, one predict each": singles,
         "4 questions, one predict_batch": batched,
     }
+    if args.int8:
+        # The same model (base weights, new token rows, random head and projector), its LM quantised.
+        qmodel = LisaModel.from_preset("lisa-mobile", quantization="cpu-int8")
+        qmodel.text_hidden_fcs.load_state_dict(model.text_hidden_fcs.state_dict())
+        qmodel.mllm.projector.load_state_dict(model.mllm.projector.state_dict())
+        qpred = ReasonSegPredictor(qmodel, max_new_tokens=args.answer_tokens)
+        qpred.set_image(image)
+        q_cache, _ = qmodel.prefix_cache(ids, qpred._features)  # the whole prompt, like step_cache
+
+        def decode_step_int8() -> None:
+            mask = torch.ones(1, step_len + 1, dtype=torch.long)
+            h = qmodel.mllm.run_decoder(
+                qmodel.mllm.lm.get_input_embeddings()(tok), mask, torch.tensor([[step_len]]), q_cache, True
+            )
+            qmodel.mllm.lm_logits(h[:, -1]).argmax(-1)
+            q_cache.crop(-1)
+
+        def follow_up_int8() -> None:
+            qpred.predict(QUESTION)
+
+        stages["decode, per token, LM cpu-int8"] = decode_step_int8
+        stages["end-to-end follow-up, LM cpu-int8"] = follow_up_int8
     with torch.inference_mode():
         times = time_interleaved(stages, repeats=args.repeats, warmup=1)
     med = {k: median(v) * 1000 for k, v in times.items()}
