@@ -84,14 +84,17 @@ def sam_pixels_to_clip(
 ) -> torch.Tensor:
     """SAM input [B,3,L,L] (normalised, zero-padded bottom/right) -> CLIP input [B,3,size,size].
 
-    ``resized_hw[i]`` is image i's size inside the padded square (``SamInput.resized_hw``).
+    ``resized_hw[i]`` is image i's size inside the padded square (``SamInput.resized_hw``). The resize runs
+    in float32 whatever the input dtype (bicubic has no bf16 kernel on CPU, and fp32 is more exact); the
+    result has the input's dtype.
     """
-    mean = torch.tensor(SAM_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(SAM_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    cmean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    cstd = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    f32 = {"dtype": torch.float32, "device": pixels.device}
+    mean = torch.tensor(SAM_MEAN, **f32).view(3, 1, 1)
+    std = torch.tensor(SAM_STD, **f32).view(3, 1, 1)
+    cmean = torch.tensor(CLIP_MEAN, **f32).view(3, 1, 1)
+    cstd = torch.tensor(CLIP_STD, **f32).view(3, 1, 1)
     out = []
-    for img, (h, w) in zip(pixels, resized_hw, strict=True):
+    for img, (h, w) in zip(pixels.float(), resized_hw, strict=True):
         rgb = (img[:, :h, :w] * std + mean) / 255.0  # [3,h,w] in [0,1]
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
@@ -99,4 +102,4 @@ def sam_pixels_to_clip(
         top, left = (nh - size) // 2, (nw - size) // 2
         rgb = rgb[:, top : top + size, left : left + size].clamp(0, 1)
         out.append((rgb - cmean) / cstd)
-    return torch.stack(out)
+    return torch.stack(out).to(pixels.dtype)
