@@ -91,13 +91,26 @@ class QuerySegmenter:
     items whose ground truth is the merged mask, and this segmenter maps keys back.
     """
 
-    def __init__(self, inner: Any, per_instance: dict[str, Callable[[], Sample]]) -> None:
+    def __init__(
+        self, inner: Any, per_instance: dict[str, Callable[[], Sample]], *, replace_query: str | None = None
+    ) -> None:
         self.inner = inner
         self.name = f"{inner.name} (one query, merged targets)"
         self.per_instance = per_instance
+        self.replace_query = replace_query
+
+    def _conversation(self, key: str) -> Sample:
+        sample = self.per_instance[key]()
+        if self.replace_query is None:
+            return sample
+        # Ablation: the same image and reference answer, but one fixed question for every query.
+        from reasonseg.data.conversation import IMAGE_TOKEN, Turn
+
+        turns = [Turn("user", f"{IMAGE_TOKEN}\n{self.replace_query}"), *sample.turns[1:]]
+        return dataclasses.replace(sample, turns=turns)
 
     def segment(self, items: Sequence[EvalItem], mode: EvalMode) -> list[SegmentResult]:
-        originals = [dataclasses.replace(it, sample=self.per_instance[it.key]()) for it in items]
+        originals = [dataclasses.replace(it, sample=self._conversation(it.key)) for it in items]
         results = self.inner.segment(originals, mode)
         merged: list[SegmentResult] = []
         for it, res in zip(originals, results, strict=True):
@@ -182,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--worst-k", type=int, default=8)
     p.add_argument("--montage", type=Path, default=None, help="also write a PNG of 8 samples here")
+    p.add_argument(
+        "--replace-query",
+        default=None,
+        help="ablation: ask this fixed question instead of every query (same images and targets)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -201,13 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     inner = LisaSegmenter(
         model, name=str(args.model), cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens
     )
-    segmenter = QuerySegmenter(inner, loaders)
+    segmenter = QuerySegmenter(inner, loaders, replace_query=args.replace_query)
     manifest = {
         "protocol": f"synth-queries/{args.split}",
         "data": str(args.world.resolve()),
         "model": str(args.model),
         "sentences": "all" if args.all_sentences else "first",
         "limit": args.limit,
+        "replace_query": args.replace_query,
     }
     config = RunConfig(out_dir=args.out, mode=args.mode, batch_size=args.batch_size)
     result = run_evaluation(segmenter, scored, GSVA_RULES, config, groups=GROUPS, manifest=manifest)
