@@ -61,15 +61,17 @@ def test_7b_recipe_plumbing_builds_with_the_tiny_preset(tmp_path: Path) -> None:
     from peft.tuners.lora import LoraLayer
 
     from reasonseg.training.trainer import Trainer, build_model
-    from train_support import StandInCollator, make_samples
+    from train_support import collator_for, make_samples
 
     r = load_recipe(RECIPES / "lisa-7b.yaml").replace(
         model={"tiny": True, "load_base_weights": False},
         train={"output_dir": str(tmp_path), "mixed_precision": "no"},
     )
     model = build_model(r.model)
-    # LisaCollator currently insists on a [REJ] token, which LISA-7B-v1 has not: the stand-in collates.
-    trainer = Trainer(r, model=model, dataset=make_samples(2), collate=StandInCollator(model))
+    # LISA-7B-v1's vocabulary has [SEG] but no [REJ]: the real collator handles it
+    trainer = Trainer(r, model=model, dataset=make_samples(2), collate=collator_for(model))
+    batch = trainer.collate(make_samples(2))
+    assert batch.input_ids.shape[0] == 2
     lora = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     assert len(lora) == 2 * model.mllm.lm.config.num_hidden_layers
     groups = trainer.optimizer.param_groups
