@@ -9,7 +9,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from reasonseg.data.readers.base import check_polygon, read_json, require
-from reasonseg.data.samples import DataError
+from reasonseg.data.samples import DataError, image_size
 
 
 class CocoInstances:
@@ -44,6 +44,18 @@ class CocoInstances:
         if image_id not in self.images:
             raise DataError(self.path, f"image id {image_id} is not in 'images'")
         return self.images[image_id]
+
+    def checked_image_path(self, image_id: int, image_root: Path) -> tuple[dict[str, Any], Path]:
+        """The image record and its file under ``image_root``, after checking the file's size against
+        the record (a mismatch means the wrong image folder or a corrupt file)."""
+        im = self.image(image_id)
+        path = image_root / im["file_name"]
+        hw = image_size(path)
+        if hw != (im["height"], im["width"]):
+            raise DataError(
+                path, f"image is {hw[1]}x{hw[0]} but instances.json says {im['width']}x{im['height']}"
+            )
+        return im, path
 
     def ann(self, ann_id: int) -> dict[str, Any]:
         if ann_id not in self.anns:

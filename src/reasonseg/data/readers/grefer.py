@@ -27,7 +27,7 @@ import numpy as np
 from reasonseg.data import templates
 from reasonseg.data.readers.base import Reader, ReadMode, read_json, require
 from reasonseg.data.readers.coco import CocoInstances
-from reasonseg.data.samples import DataError, Sample, TargetKind, image_size
+from reasonseg.data.samples import DataError, Sample, TargetKind
 
 NO_TARGET = -1
 
@@ -35,6 +35,16 @@ NO_TARGET = -1
 def is_sentence(text: str) -> bool:
     """A query written as a full sentence (ends with . ? !) goes into the long template, a phrase into the short."""
     return text.rstrip().endswith((".", "?", "!"))
+
+
+def pick_sentence(ref: dict[str, Any], index: int, rng: np.random.Generator | None, refs_path: Path) -> str:
+    """Sentence ``index`` of a REFER-format ref; ``index < 0`` picks one at random (the first without ``rng``)."""
+    sents = require(ref, "sentences", list, refs_path)
+    if not sents:
+        raise DataError(refs_path, f"ref {ref.get('ref_id', '?')}: no sentences")
+    if index < 0:
+        index = 0 if rng is None else int(rng.integers(len(sents)))
+    return require(sents[index], "sent", str, refs_path)
 
 
 class GRefCocoReader(Reader):
@@ -156,19 +166,11 @@ class GRefCocoReader(Reader):
         ri, si = self.index[index]
         ref = self.refs[ri]
         ref_id = ref.get("ref_id", ri)
-        sents = require(ref, "sentences", list, self.refs_path)
-        if not sents:
-            raise DataError(self.refs_path, f"ref {ref_id}: no sentences")
-        if si < 0:
-            si = 0 if rng is None else int(rng.integers(len(sents)))
-        text = require(sents[si], "sent", str, self.refs_path)
-        im = self.coco.image(int(require(ref, "image_id", int, self.refs_path)))
-        path = self.image_root / im["file_name"]
-        hw = image_size(path)
-        if hw != (im["height"], im["width"]):
-            raise DataError(
-                path, f"image is {hw[1]}x{hw[0]} but instances.json says {im['width']}x{im['height']}"
-            )
+        text = pick_sentence(ref, si, rng, self.refs_path)
+        im, path = self.coco.checked_image_path(
+            int(require(ref, "image_id", int, self.refs_path)), self.image_root
+        )
+        hw = (int(im["height"]), int(im["width"]))  # checked against the file above
         ann_ids = self.target_ann_ids(ref)
         masks = [self.coco.ann_mask(a) for a in ann_ids]
         kinds: list[TargetKind]

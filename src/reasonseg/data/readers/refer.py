@@ -22,8 +22,8 @@ import numpy as np
 from reasonseg.data import templates
 from reasonseg.data.readers.base import Reader, ReadMode, require
 from reasonseg.data.readers.coco import CocoInstances
-from reasonseg.data.readers.grefer import is_sentence
-from reasonseg.data.samples import DataError, Sample, image_size
+from reasonseg.data.readers.grefer import is_sentence, pick_sentence
+from reasonseg.data.samples import DataError, Sample
 
 DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
 
@@ -95,20 +95,11 @@ class RefCocoReader(Reader):
         ri, si = self.index[index]
         ref = self.refs[ri]
         ref_id = ref.get("ref_id", ri)
-        sents = require(ref, "sentences", list, self.refs_path)
-        if not sents:
-            raise DataError(self.refs_path, f"ref {ref_id}: no sentences")
-        if si < 0:
-            si = 0 if rng is None else int(rng.integers(len(sents)))
-        text = require(sents[si], "sent", str, self.refs_path)
+        text = pick_sentence(ref, si, rng, self.refs_path)
         ann_id = require(ref, "ann_id", int, self.refs_path)
-        im = self.coco.image(int(require(ref, "image_id", int, self.refs_path)))
-        path = self.image_root / im["file_name"]
-        hw = image_size(path)
-        if hw != (im["height"], im["width"]):
-            raise DataError(
-                path, f"image is {hw[1]}x{hw[0]} but instances.json says {im['width']}x{im['height']}"
-            )
+        im, path = self.coco.checked_image_path(
+            int(require(ref, "image_id", int, self.refs_path)), self.image_root
+        )
         mask = self.coco.ann_mask(ann_id)
         turns = templates.seg_turns(text, ["seg"], is_sentence=is_sentence(text), rng=rng)
         return Sample(
