@@ -112,10 +112,22 @@ CATEGORIES: dict[str, Category] = {
 }
 
 
+_AGREEMENT = {  # marker -> (singular subject, plural subject)
+    "{is}": ("is", "are"),
+    "{has}": ("has", "have"),
+    "{ies}": ("ies", "y"),  # carr{ies}: carries / carry
+    "{es}": ("es", ""),
+    "{s}": ("s", ""),
+}
+
+
 def _p(pid: str, kind: str, clause: str) -> Property:
-    """Build a property; ``{s}``/``{is}``/``{has}``/``{es}`` mark verb agreement."""
-    sg = clause.replace("{is}", "is").replace("{has}", "has").replace("{s}", "s").replace("{es}", "es")
-    pl = clause.replace("{is}", "are").replace("{has}", "have").replace("{s}", "").replace("{es}", "")
+    """Build a property; ``{s}``/``{es}``/``{ies}``/``{is}``/``{has}`` mark verb agreement."""
+    sg, pl = clause, clause
+    for marker, (one, many) in _AGREEMENT.items():
+        sg, pl = sg.replace(marker, one), pl.replace(marker, many)
+    if "{" in sg or "}" in sg:
+        raise ValueError(f"property {pid!r}: unknown agreement marker in {clause!r}")
     return Property(pid, kind, sg, pl)
 
 
