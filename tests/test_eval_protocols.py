@@ -148,6 +148,10 @@ def test_data_spec_parsing() -> None:
     assert (r.dataset, r.split_by, r.split) == ("refcoco+", "unc", "testA")
     assert str(r) == "refcoco+:/d/refer_seg/refcoco+:unc:testA"
     assert DataSpec.parse("grefcoco:/g:testB").split == "testB"
+    # gRefCOCO-format worlds (reasonseg synth) have a plain "test" split
+    assert DataSpec.parse("grefcoco:/w/refer_seg/grefcoco:test").split == "test"
+    with pytest.raises(ValueError, match="splits"):
+        DataSpec.parse("grefcoco:/g:dev")
     with pytest.raises(ValueError, match="splits"):
         DataSpec.parse("reasonseg:/x:dev")
     with pytest.raises(ValueError, match="split family"):

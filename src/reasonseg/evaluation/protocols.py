@@ -51,7 +51,8 @@ DATASETS: tuple[str, ...] = ("reasonseg", "refcoco", "refcoco+", "refcocog", "re
 REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 _SPLITS = {
     "reasonseg": ("train", "val", "test"),
-    "grefcoco": ("train", "val", "testA", "testB"),
+    # gRefCOCO's own splits, plus "test" for gRefCOCO-format worlds such as `reasonseg synth`'s
+    "grefcoco": ("train", "val", "testA", "testB", "test"),
 }
 _SPLIT_BYS = ("unc", "umd", "google", "berkeley")
 
