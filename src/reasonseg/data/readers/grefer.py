@@ -47,6 +47,19 @@ def pick_sentence(ref: dict[str, Any], index: int, rng: np.random.Generator | No
     return require(sents[index], "sent", str, refs_path)
 
 
+def sentence_index(refs: list[dict[str, Any]], mode: ReadMode) -> list[tuple[int, int]]:
+    """Items of a REFER-format reader as (ref index, sentence index): every sentence in eval mode; in train
+    mode one item per ref with sentence index -1 ("pick one at random", see :func:`pick_sentence`)."""
+    index: list[tuple[int, int]] = []
+    for i, r in enumerate(refs):
+        sents = r.get("sentences")
+        if mode == "eval" and isinstance(sents, list):
+            index += [(i, j) for j in range(len(sents))]
+        else:
+            index.append((i, -1))
+    return index
+
+
 class GRefCocoReader(Reader):
     """gRefCOCO reader -> ``kind="gres"`` samples.
 
@@ -91,14 +104,7 @@ class GRefCocoReader(Reader):
         self.refs_of_image: dict[int, list[int]] = {}
         for i, r in enumerate(self.refs):
             self.refs_of_image.setdefault(int(r.get("image_id", -1)), []).append(i)
-        # (ref index, sentence index or -1 for "pick one at random")
-        self.index: list[tuple[int, int]] = []
-        for i, r in enumerate(self.refs):
-            sents = r.get("sentences")
-            if mode == "eval" and isinstance(sents, list):
-                self.index += [(i, j) for j in range(len(sents))]
-            else:
-                self.index.append((i, -1))
+        self.index = sentence_index(self.refs, mode)
 
     def __len__(self) -> int:
         return len(self.index)

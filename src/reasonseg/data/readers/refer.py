@@ -22,7 +22,7 @@ import numpy as np
 from reasonseg.data import templates
 from reasonseg.data.readers.base import Reader, ReadMode, require
 from reasonseg.data.readers.coco import CocoInstances
-from reasonseg.data.readers.grefer import is_sentence, pick_sentence
+from reasonseg.data.readers.grefer import is_sentence, pick_sentence, sentence_index
 from reasonseg.data.samples import DataError, Sample
 
 DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
@@ -80,13 +80,7 @@ class RefCocoReader(Reader):
         self.refs = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
         if not self.refs:
             raise DataError(self.refs_path, f"no refs with split {split!r}")
-        self.index: list[tuple[int, int]] = []
-        for i, r in enumerate(self.refs):
-            sents = r.get("sentences")
-            if mode == "eval" and isinstance(sents, list):
-                self.index += [(i, j) for j in range(len(sents))]
-            else:
-                self.index.append((i, -1))
+        self.index = sentence_index(self.refs, mode)
 
     def __len__(self) -> int:
         return len(self.index)
