@@ -61,7 +61,9 @@ def test_knowledge_table_is_complete_and_consistent() -> None:
     assert PROPERTIES["vitamin_c"].explain("the grapes", True) == "The grapes are rich in vitamin C."
     assert PROPERTIES["tell_time"].explain("the wristwatch", False) == "The wristwatch tells the time."
     assert PROPERTIES["pouch"].explain("the kangaroo", False) == "The kangaroo carries its young in a pouch."
-    assert PROPERTIES["public"].explain("the buses", True) == "The buses carry many passengers on a fixed route."
+    assert (
+        PROPERTIES["public"].explain("the buses", True) == "The buses carry many passengers on a fixed route."
+    )
     # no agreement marker survives into any query or explanation text
     for p in PROPERTIES.values():
         for text in (p.explain("the thing", False), p.explain("the things", True)):
