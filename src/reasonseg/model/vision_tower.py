@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reasonseg.data.transforms import PIXEL_MEAN, PIXEL_STD
 from reasonseg.model.config import VisionTowerConfig
 
 __all__ = [
@@ -32,8 +33,7 @@ __all__ = [
     "sam_pixels_to_clip",
 ]
 
-SAM_MEAN = (123.675, 116.28, 103.53)
-SAM_STD = (58.395, 57.12, 57.375)
+SAM_MEAN, SAM_STD = PIXEL_MEAN, PIXEL_STD  # SAM's normalisation, defined once in data/transforms
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
