@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lisa_tiny_helpers import prompt_ids, random_pixels, single_thread, tiny_model, train_to_answer
+from lisa_tiny_helpers import (
+    SCRIPTED_ANSWER,
+    prompt_ids,
+    random_pixels,
+    single_thread,
+    tiny_model,
+    train_to_answer,
+)
 from reasonseg.data.conversation import Turn, encode_conversation
 from reasonseg.model import LisaConfig, LisaModel
 from reasonseg.model.config import PRESETS, ProjectorConfig
@@ -125,6 +132,29 @@ def test_mask_embedding_is_taken_one_position_before_each_slot(trained) -> None:
     torch.testing.assert_close(direct.logits, out.masks[0].logits)
 
 
+def test_logits_at_selected_positions_match_the_full_head(trained) -> None:
+    model, feats = trained
+    enc = encode_conversation(
+        model.tokenizer,
+        model.config.template,
+        [Turn("user", "Find them."), Turn("assistant", "Sure, a:[SEG], b:[REJ], c:[SEG].")],
+        model.num_image_tokens,
+    )
+    ids = enc.input_ids[None]
+    full = model(input_ids=ids, images=feats.select([0]))
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[0, -9:-2] = True
+    part = model(input_ids=ids, images=feats.select([0]), logits_at=at)
+    assert part.logits.shape == (7, full.logits.shape[-1]) and part.logits_at is at
+    torch.testing.assert_close(part.logits, full.logits[at], atol=1e-5, rtol=1e-5)
+    # No head at all: the slots' [REJ] decisions and masks are unchanged.
+    none = model(input_ids=ids, images=feats.select([0]), logits_at=torch.zeros_like(at))
+    assert none.logits.shape == (0, full.logits.shape[-1])
+    assert none.predicted_rej[0].tolist() == full.predicted_rej[0].tolist() == [False, True, False]
+    assert none.masks is not None and full.masks is not None
+    torch.testing.assert_close(none.masks[0].logits, full.masks[0].logits)
+
+
 def test_left_and_right_padding_give_the_same_forward(trained) -> None:
     model, feats = trained
     a = prompt_ids(model, "Segment the cat.")
@@ -207,6 +237,73 @@ def test_prefix_cache_gives_the_same_answer(trained) -> None:
     _assert_same_generation(with_prefix, plain)
     again = model.generate([ids], feats.select([0]), prefix_cache=cache)  # the cache was not consumed
     _assert_same_generation(again, plain)
+
+
+def _count_lm_passes(model: LisaModel) -> list[int]:
+    """Every call of the LM body, as the number of tokens it was fed."""
+    calls: list[int] = []
+    orig = model.mllm.run_decoder
+
+    def counting(embeds, *args, **kwargs):
+        calls.append(int(embeds.shape[1]))
+        return orig(embeds, *args, **kwargs)
+
+    model.mllm.run_decoder = counting  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize(
+    "draft_texts",
+    [
+        ["Sure, a:[SEG], b:[REJ], c:[SEG]."],  # the answer itself: one LM pass
+        ["Sure, a:[SEG], b:[SEG], c:[SEG]."],  # wrong from the middle
+        ["It is [SEG].", "b:[REJ], c:[REJ]. More text that never comes"],  # wrong start, partial matches
+        ["Completely unrelated words"],
+    ],
+)
+def test_drafted_greedy_generate_equals_plain_greedy(trained, draft_texts: list[str]) -> None:
+    model, feats = trained
+    prompts = [prompt_ids(model, "Segment the cat."), prompt_ids(model, "Where is the dog, if any?")]
+    drafts = model.answer_drafts(draft_texts)
+    plain = model.generate(prompts, feats, max_new_tokens=24)
+    try:
+        calls = _count_lm_passes(model)
+        drafted = model.generate(prompts, feats, max_new_tokens=24, drafts=drafts)
+    finally:
+        del model.mllm.run_decoder
+    _assert_same_generation(drafted, plain)
+    plain_passes = max(len(s) for s in plain.sequences)  # the prompt, then one per token but the last
+    assert len(calls) <= plain_passes
+    if draft_texts[0] == SCRIPTED_ANSWER:
+        try:
+            calls = _count_lm_passes(model)
+            alone = model.generate(prompts[:1], feats.select([0]), drafts=drafts, max_draft=64)
+        finally:
+            del model.mllm.run_decoder
+        assert alone.texts[0] == SCRIPTED_ANSWER
+        assert len(calls) == 1  # the prompt and the whole guessed answer, checked in one pass
+    for one in range(2):  # each prompt alone, and with a short token budget
+        single = model.generate([prompts[one]], feats.select([one]), max_new_tokens=5, drafts=drafts)
+        ref = model.generate([prompts[one]], feats.select([one]), max_new_tokens=5)
+        _assert_same_generation(single, ref)
+
+
+def test_drafts_work_with_a_prefix_cache_and_are_ignored_when_sampling(trained) -> None:
+    model, feats = trained
+    ids = prompt_ids(model, "Segment the cat.")
+    first_image = int((ids == model.image_token_id).nonzero()[0])
+    plen = first_image + model.num_image_tokens + 1
+    cache = model.prefix_cache(ids[:plen], feats.select([0]))
+    drafts = model.answer_drafts([SCRIPTED_ANSWER])
+    said = model.generate([ids], feats.select([0])).sequences[0].tolist()
+    assert drafts[0] == said  # the template's tokens are the ones the model produces
+    plain = model.generate([ids, ids], feats.select([0, 0]))
+    drafted = model.generate([ids, ids], feats.select([0, 0]), prefix_cache=cache, drafts=drafts)
+    _assert_same_generation(drafted, plain)
+    kw = {"do_sample": True, "temperature": 1.3, "seed": 5, "max_new_tokens": 10}
+    a = model.generate([ids], feats.select([0]), **kw)
+    b = model.generate([ids], feats.select([0]), drafts=drafts, **kw)
+    assert a.sequences[0].tolist() == b.sequences[0].tolist()
 
 
 def test_clip_tower_uses_the_selected_layer_without_cls() -> None:

@@ -15,7 +15,9 @@ from reasonseg.training.losses import (
     dice_loss_per_mask,
     mask_losses,
     sigmoid_bce_per_mask,
+    supervised_positions,
     text_ce_loss,
+    text_ce_loss_at,
 )
 
 
@@ -34,6 +36,27 @@ def test_ce_shifts_by_one_and_ignores_minus_100() -> None:
 def test_ce_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="disagree"):
         text_ce_loss(torch.zeros(1, 3, 4), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_ce_from_selected_positions_equals_the_full_ce() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[torch.rand(3, 7, generator=g) < 0.4] = IGNORE_INDEX
+    full, n_full = text_ce_loss(logits, labels)
+    need = supervised_positions(labels)
+    assert int(need.sum()) == n_full
+    for at in (need, torch.ones_like(need)):  # the smallest mask and every position
+        part, n_part = text_ce_loss_at(logits[at], labels, at)
+        assert n_part == n_full
+        torch.testing.assert_close(part, full)
+    none = torch.zeros_like(need)
+    if n_full:
+        with pytest.raises(ValueError, match="leaves out supervised"):
+            text_ce_loss_at(logits[none], labels, none)
+    ignored = torch.full_like(labels, IGNORE_INDEX)
+    total, count = text_ce_loss_at(logits[none], ignored, none)
+    assert count == 0 and total.item() == 0.0
 
 
 def test_bce_is_per_mask_pixel_mean() -> None:

@@ -221,6 +221,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="override a recipe field (repeatable), e.g. --set train.output_dir=runs/x",
     )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument(
+        "--prefill-cache",
+        action="store_true",
+        help="only encode every distinct training image into train.encoder_cache, then exit",
+    )
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="with --prefill-cache: encode the I-th of N interleaved parts (run N processes to share a CPU)",
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def run(args: argparse.Namespace) -> int:
@@ -228,6 +239,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         from reasonseg.training.trainer import Trainer
 
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.prefill_cache:
+            try:
+                i, n = (int(x) for x in args.shard.split("/"))
+            except ValueError:
+                raise ValueError(f"--shard: expected I/N such as 0/2, got {args.shard!r}") from None
+            trainer = Trainer(recipe)
+            seen, encoded = trainer.prefill_cache((i, n))
+            print(f"shard {i}/{n}: {seen} images, {encoded} encoded now, {seen - encoded} already cached")
+            return 0
         trainer = Trainer(recipe)
         result = trainer.fit(resume=args.resume, max_steps=args.max_steps)
         if trainer.accelerator.is_main_process:

@@ -115,6 +115,9 @@ class ReasonSegPredictor:
             shared with other work, fewer threads than cores is often faster: torch's threads
             spin-wait for each other, so one busy core slows every operation down (on the 2-core
             machine of ``BENCHMARKS.md``, under load, 1 thread beat 2). None keeps torch's setting.
+        draft_answers: greedy answers are decoded speculatively from drafts (the predictor's recent
+            answers, then the model's answer templates; ``LisaModel.generate(drafts=...)``): the same
+            answer, usually in one LM pass instead of one per token. False decodes token by token.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class ReasonSegPredictor:
         max_new_tokens: int = 64,
         cache_prefix: bool = True,
         num_threads: int | None = None,
+        draft_answers: bool = True,
     ) -> None:
         from reasonseg.data.transforms import SamTransform
 
@@ -139,6 +143,8 @@ class ReasonSegPredictor:
         self._features: ImageFeatures | None = None
         self._image_hw: tuple[int, int] | None = None
         self._prefix: tuple[torch.Tensor, Any, int] | None = None
+        self.draft_answers = draft_answers
+        self._recent: list[list[int]] = []  # token ids of the latest distinct answers, newest first
 
     # ------------------------------------------------------------------------------------------- image
 
@@ -236,8 +242,10 @@ class ReasonSegPredictor:
             top_p=top_p,
             seed=seed,
             prefix_cache=prefix,
+            drafts=self._drafts(),
         )
         assert out.masks is not None
+        self._remember(out.sequences)
         return self._prediction(out.texts[0], out.masks[0], turns, return_logits)
 
     @torch.inference_mode()
@@ -272,12 +280,25 @@ class ReasonSegPredictor:
             top_p=top_p,
             seed=seed,
             prefix_cache=prefix,
+            drafts=self._drafts(),
         )
         assert out.masks is not None
+        self._remember(out.sequences)
         return [
             self._prediction(text, masks, turns, return_logits)
             for text, masks, (turns, _) in zip(out.texts, out.masks, prompts, strict=True)
         ]
+
+    def _drafts(self) -> list[list[int]] | None:
+        if not self.draft_answers:
+            return None
+        return self._recent + self.model.answer_drafts()
+
+    def _remember(self, sequences: Sequence[torch.Tensor]) -> None:
+        for seq in sequences:
+            ids = [int(x) for x in seq]
+            if ids and ids[-1] in self.model.stop_token_ids:  # only answers that ended
+                self._recent = [ids, *[r for r in self._recent if r != ids][:3]]
 
     def _require_image(self) -> None:
         if self._features is None:

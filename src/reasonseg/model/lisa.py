@@ -347,6 +347,7 @@ class LisaModel(nn.Module):
         resized_hw: Sequence[tuple[int, int]] | None = None,
         original_hw: Sequence[tuple[int, int]] | None = None,
         decode_masks: bool = True,
+        logits_at: torch.Tensor | None = None,
     ) -> LisaOutput:
         """Teacher-forced pass over full conversations (no loss).
 
@@ -358,6 +359,9 @@ class LisaModel(nn.Module):
             images: precomputed :class:`ImageFeatures` (row i for sample i); else ``pixels`` [B,3,L,L]
                 are encoded here.
             decode_masks: run SAM's mask decoder on every [SEG]/[REJ] slot.
+            logits_at: [B,T] bool; compute the LM head only where True (training needs the supervised
+                positions alone: the head over a 49k vocabulary at every position is a large share of a
+                small model's step). ``logits`` is then [N,V]. None: every position.
 
         Returns:
             :class:`LisaOutput`: logits [B,T,V]; per sample the slot embeddings [n_i,256], masks
@@ -381,7 +385,11 @@ class LisaModel(nn.Module):
             images = self.encode_images(pixels, resized_hw, original_hw)
         embeds = self.mllm.embed(input_ids, images.vision_tokens if images is not None else None)
         hidden = self.mllm.run_decoder(embeds, attention_mask, positions_from_mask(attention_mask))  # [B,T,H]
-        logits = self.mllm.lm_logits(hidden)  # [B,T,V]
+        if logits_at is None:
+            logits = self.mllm.lm_logits(hidden)  # [B,T,V]
+        else:
+            logits_at = logits_at.to(device=hidden.device, dtype=torch.bool)
+            logits = self.mllm.lm_logits(hidden[logits_at])  # [N,V]
 
         slot_ids = torch.tensor(self.slot_token_ids(), device=input_ids.device)
         is_slot = torch.isin(input_ids, slot_ids) & attention_mask.bool()
@@ -394,7 +402,7 @@ class LisaModel(nn.Module):
             positions.append(pos)
             kinds.append(kind)
             if self.rej_token_id is not None:
-                lg = logits[i, pos - 1]
+                lg = logits[i, pos - 1] if logits_at is None else self.mllm.lm_logits(h)
                 pred_rej.append(lg[:, self.rej_token_id] > lg[:, self.seg_token_id])
             else:
                 pred_rej.append(torch.zeros(len(pos), dtype=torch.bool, device=input_ids.device))
@@ -414,6 +422,7 @@ class LisaModel(nn.Module):
             masks=masks if decode_masks and images is not None else None,
             kinds=kinds,
             predicted_rej=pred_rej,
+            logits_at=logits_at,
         )
 
     # ------------------------------------------------------------------------------------------ generate
@@ -453,6 +462,8 @@ class LisaModel(nn.Module):
         use_cache: bool = True,
         decode_masks: bool = True,
         prefix_cache: tuple[Any, int] | None = None,
+        drafts: Sequence[Sequence[int]] | None = None,
+        max_draft: int = 16,
     ) -> GenerateOutput:
         """Generate answers for a batch of prompts, then decode a mask per generated [SEG]/[REJ].
 
@@ -471,6 +482,13 @@ class LisaModel(nn.Module):
                 ``transformers`` ``Cache``, left untouched (a copy, repeated per prompt, is extended).
                 Each prompt's remaining tokens are left-padded after the prefix, so the prefix is
                 computed once for the whole batch.
+            drafts: token sequences the answer is likely to repeat (earlier answers, the answer
+                templates; :meth:`answer_drafts`). Greedy cached decoding then guesses up to
+                ``max_draft`` tokens at a time from them and checks the guess in one LM pass, keeping
+                the longest prefix the model itself would have chosen (speculative decoding with a
+                lookup draft). The answer is the greedy answer; only the number of LM passes changes
+                (floating-point rounding of a wider pass could flip an exact tie). Ignored when
+                sampling or without a cache.
 
         The mask embedding of a generated [SEG]/[REJ] is the last-layer hidden state that produced
         the logits it was chosen from (LISA's one-before rule), captured during decoding.
@@ -507,11 +525,56 @@ class LisaModel(nn.Module):
             ids[i, t - (len(p) - plen) :] = p[plen:]
             ids[i, :plen] = p[:plen]
             full_mask[i, t - (len(p) - plen) : t] = 1
-        mask = full_mask[:, :t]
         vision = images.vision_tokens if images is not None else None
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         embed_table = self.mllm.lm.get_input_embeddings()
+        pool = [[int(x) for x in d] for d in drafts or () if len(d)] if use_cache and not do_sample else []
 
+        out_tokens: list[list[int]] = [[] for _ in range(b)]
+        slot_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        kinds: list[list[TargetKind]] = [[] for _ in range(b)]
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        stop = torch.tensor(self.stop_token_ids, device=self.device)
+        slots = set(self.slot_token_ids())
+        n_out = 0  # tokens emitted by every row still running
+
+        def emit(tok_per_row: torch.Tensor, h: torch.Tensor) -> None:
+            nonlocal n_out
+            for i in (~finished).nonzero().flatten().tolist():
+                tok = int(tok_per_row[i])
+                out_tokens[i].append(tok)
+                if tok in slots:
+                    slot_hidden[i].append(h[i])
+                    kinds[i].append(self._kind(tok))
+            finished.logical_or_(torch.isin(tok_per_row, stop))
+            n_out += 1
+
+        def accept(hidden_tail: torch.Tensor, draft: list[int]) -> torch.Tensor:
+            """hidden_tail [B,k+1,H]: position i predicts draft[i] (i < k) and the last one the token
+            after the draft. Emits the longest draft prefix every running row agrees with, drops the
+            rest from the cache, and returns the hidden state that predicts the next token."""
+            nonlocal mask, last_pos
+            k = len(draft)
+            if k == 0:
+                return hidden_tail[:, -1]
+            d = torch.tensor(draft, device=self.device)
+            agree = (self.mllm.lm_logits(hidden_tail[:, :k]).argmax(-1) == d).long().cumprod(1).sum(1)
+            j = int(agree[~finished].min())
+            for i in range(j):
+                emit(d[i].expand(b), hidden_tail[:, i])
+                if bool(finished.all()):
+                    j = i + 1
+                    break
+            _drop_last_tokens(cache, k - j)
+            mask = full_mask[:, : mask.shape[1] - (k - j)]
+            last_pos = last_pos - (k - j)
+            return hidden_tail[:, j]
+
+        # Greedy decoding may append a guess of the whole answer to the prompt itself.
+        lead = _propose_draft([], pool, min(max_draft, max_new_tokens - 1)) if pool else []
+        mask = full_mask[:, : t + len(lead)]
+        if lead:
+            ids = torch.cat([ids, torch.tensor(lead, device=self.device).expand(b, -1)], dim=1)
         cache = None
         if use_cache:
             if prefix_cache is not None:
@@ -527,37 +590,31 @@ class LisaModel(nn.Module):
                 pos = positions_from_mask(mask)
                 hidden = self.mllm.run_decoder(self.mllm.embed(ids, vision), mask, pos, cache, True)
             last_pos = pos[:, -1:]
+            h_last = accept(hidden[:, hidden.shape[1] - len(lead) - 1 :], lead)  # [B,H]
         else:
-            hidden = self._uncached_step(ids, mask, vision)
-        h_last = hidden[:, -1]  # [B,H]
+            h_last = self._uncached_step(ids, mask, vision)[:, -1]
 
-        out_tokens: list[list[int]] = [[] for _ in range(b)]
-        slot_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        kinds: list[list[TargetKind]] = [[] for _ in range(b)]
-        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
-        stop = torch.tensor(self.stop_token_ids, device=self.device)
-        slots = set(self.slot_token_ids())
-        for step in range(max_new_tokens):
+        while not bool(finished.all()) and n_out < max_new_tokens:
             logits = self.mllm.lm_logits(h_last)  # [B,V]
             nxt = self._next_token(logits, do_sample, temperature, top_p, gen)
             nxt = nxt.masked_fill(finished, self.pad_token_id)
-            for i in (~finished).nonzero().flatten().tolist():
-                tok = int(nxt[i])
-                out_tokens[i].append(tok)
-                if tok in slots:
-                    slot_hidden[i].append(h_last[i])
-                    kinds[i].append(self._kind(tok))
-            finished |= torch.isin(nxt, stop)
-            if bool(finished.all()) or step == max_new_tokens - 1:  # no LM step for an unused token
+            emit(nxt, h_last)
+            if bool(finished.all()) or n_out >= max_new_tokens:  # no LM step for an unused token
                 break
-            mask = full_mask[:, : mask.shape[1] + 1]
+            history = out_tokens[int((~finished).nonzero()[0])]
+            draft = _propose_draft(history, pool, min(max_draft, max_new_tokens - n_out - 1)) if pool else []
+            feed = torch.cat(
+                [nxt[:, None], torch.tensor(draft, device=self.device, dtype=nxt.dtype).expand(b, -1)], 1
+            )
+            mask = full_mask[:, : mask.shape[1] + feed.shape[1]]
             if use_cache:
-                last_pos = last_pos + 1
-                hidden = self.mllm.run_decoder(embed_table(nxt)[:, None], mask, last_pos, cache, True)
+                step_pos = last_pos + torch.arange(1, feed.shape[1] + 1, device=self.device)
+                last_pos = step_pos[:, -1:]
+                hidden = self.mllm.run_decoder(embed_table(feed), mask, step_pos, cache, True)
+                h_last = accept(hidden, draft)
             else:
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
-                hidden = self._uncached_step(ids, mask, vision)
-            h_last = hidden[:, -1]
+                h_last = self._uncached_step(ids, mask, vision)[:, -1]
 
         sequences = [torch.tensor(toks, dtype=torch.long) for toks in out_tokens]
         texts = [self._decode_answer(toks) for toks in out_tokens]
@@ -582,6 +639,30 @@ class LisaModel(nn.Module):
         else:
             seg_embeddings = [self.text_hidden_fcs(h) for h in stacked]
         return GenerateOutput(sequences, texts, seg_embeddings, kinds, masks)
+
+    def answer_drafts(self, answers: Sequence[str] = ()) -> list[list[int]]:
+        """Token sequences for :meth:`generate`'s ``drafts``: ``answers`` (e.g. this session's earlier
+        answers, most likely first), then the answer templates the model was trained with, each ending
+        with the stop token."""
+        from reasonseg.data.templates import REJECT_ANSWERS, SINGLE_ANSWERS
+
+        texts = list(answers) + list(SINGLE_ANSWERS) + (list(REJECT_ANSWERS) if self.config.use_rej else [])
+        cache: dict[str, list[int]] = self.__dict__.setdefault("_draft_cache", {})
+        out: list[list[int]] = []
+        for text in dict.fromkeys(texts):
+            if text not in cache:
+                # The answer's tokens as training saw them: inside a conversation, up to the stop token.
+                from reasonseg.data.conversation import Turn, encode_conversation
+
+                enc = encode_conversation(
+                    self.tokenizer, self.config.template, [Turn("user", "?"), Turn("assistant", text)], 0
+                )
+                ids = enc.input_ids[enc.labels != -100].tolist()
+                stop = set(self.stop_token_ids)
+                end = next((k + 1 for k, x in enumerate(ids) if x in stop), len(ids))
+                cache[text] = [int(x) for x in ids[:end]]
+            out.append(cache[text])
+        return out
 
     def _uncached_step(
         self, ids: torch.Tensor, mask: torch.Tensor, vision: torch.Tensor | None
@@ -760,3 +841,25 @@ def _build_sam(config: LisaConfig, load_base: bool, sources: dict[str, str]) -> 
             checkpoint = fetch(ck)
         sources["sam"] = str(checkpoint)
     return build_sam(config.sam.name, checkpoint=checkpoint)
+
+
+def _propose_draft(history: Sequence[int], pool: Sequence[Sequence[int]], limit: int) -> list[int]:
+    """The continuation a draft offers after the longest (up to 4 tokens) tail of ``history`` it
+    contains; with an empty history, the first draft from its start. At most ``limit`` tokens."""
+    if limit <= 0:
+        return []
+    if not history:
+        return list(pool[0][:limit]) if pool else []
+    for n in range(min(4, len(history)), 0, -1):
+        tail = list(history[-n:])
+        for seq in pool:
+            for i in range(len(seq) - n):
+                if list(seq[i : i + n]) == tail:
+                    return list(seq[i + n : i + n + limit])
+    return []
+
+
+def _drop_last_tokens(cache: Any, n: int) -> None:
+    """Remove the last ``n`` positions from a ``transformers`` cache (rejected draft tokens)."""
+    if n > 0:
+        cache.crop(-n)  # negative: "remove this many" (transformers 4.x and 5.x)

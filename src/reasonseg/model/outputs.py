@@ -66,7 +66,8 @@ class LisaOutput:
     """Teacher-forced forward pass.
 
     Attributes:
-        logits: [B,T,V] next-token logits (position t predicts token t+1).
+        logits: [B,T,V] next-token logits (position t predicts token t+1); with ``forward(logits_at=M)``
+            only the positions where M [B,T] is True, [N,V] in row-major order (N may be 0).
         hidden_states: [B,T,H] last-layer hidden states after the final norm.
         seg_embeddings: per sample, [n_i,256] projected embeddings of its [SEG]/[REJ] slots.
         slot_positions: per sample, LongTensor [n_i] positions of the [SEG]/[REJ] tokens in input_ids
@@ -75,6 +76,7 @@ class LisaOutput:
         kinds: per sample, the token at each slot (``"seg"``/``"rej"``).
         predicted_rej: per sample, BoolTensor [n_i]: True where the model's logits at the predicting
             position prefer [REJ] over [SEG] (GSVA's teacher-forced target/no-target decision).
+        logits_at: the [B,T] bool mask ``logits`` were computed at, or None when they cover every position.
     """
 
     logits: torch.Tensor
@@ -84,6 +86,7 @@ class LisaOutput:
     masks: list[MaskPrediction] | None
     kinds: list[list[TargetKind]]
     predicted_rej: list[torch.Tensor] = field(default_factory=list)
+    logits_at: torch.Tensor | None = None
 
 
 @dataclass

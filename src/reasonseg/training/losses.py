@@ -30,7 +30,9 @@ __all__ = [
     "dice_loss_per_mask",
     "mask_losses",
     "sigmoid_bce_per_mask",
+    "supervised_positions",
     "text_ce_loss",
+    "text_ce_loss_at",
 ]
 
 IGNORE_INDEX = -100
@@ -96,6 +98,39 @@ def text_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
         reduction="sum",
     )
     return total, count
+
+
+def text_ce_loss_at(
+    logits: torch.Tensor, labels: torch.Tensor, logits_at: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """:func:`text_ce_loss` from logits computed only where ``logits_at`` [B,T] is True ([N,V], row-major).
+
+    Every supervised position must be covered (``supervised_positions(labels)`` is the smallest such
+    mask); the result equals ``text_ce_loss`` on the full logits.
+    """
+    need = supervised_positions(labels)
+    logits_at = logits_at.to(device=labels.device, dtype=torch.bool)
+    if logits_at.shape != labels.shape or logits_at.sum() != logits.shape[0]:
+        raise ValueError(
+            f"text_ce_loss_at: logits {tuple(logits.shape)} do not match the mask {tuple(logits_at.shape)}"
+        )
+    if bool((need & ~logits_at).any()):
+        raise ValueError("text_ce_loss_at: logits_at leaves out supervised positions")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    picked = targets[logits_at]  # [N]
+    count = int((picked != IGNORE_INDEX).sum())
+    if logits.shape[0] == 0:
+        return logits.sum().float() * 0.0, 0
+    total = F.cross_entropy(logits.float(), picked, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, count
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B,T] bool: the positions whose next-token logits the CE loss reads (t where labels[t+1] is set)."""
+    need = torch.zeros_like(labels, dtype=torch.bool)
+    need[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return need
 
 
 def _valid_pixels(target: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor | None:

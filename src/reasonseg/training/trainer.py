@@ -39,7 +39,15 @@ from reasonseg.training.checkpoint import (
 )
 from reasonseg.training.encoder_cache import EncoderCache, encoder_fingerprint
 from reasonseg.training.freeze import TrainablePlan, apply_lisa_freeze_policy, set_frozen_eval
-from reasonseg.training.losses import LossTerms, LossWeights, combine_losses, mask_losses, text_ce_loss
+from reasonseg.training.losses import (
+    LossTerms,
+    LossWeights,
+    combine_losses,
+    mask_losses,
+    supervised_positions,
+    text_ce_loss,
+    text_ce_loss_at,
+)
 from reasonseg.training.optim import build_optimizer, build_scheduler
 from reasonseg.training.recipe import DataRecipe, ModelRecipe, TrainRecipe
 
@@ -199,7 +207,10 @@ def lisa_loss_terms(
     [REJ] slots are left out of the mask terms unless ``mask_loss_on_rej``.
     """
     labels = batch.labels.to(output.logits.device)
-    ce_sum, ce_count = text_ce_loss(output.logits, labels)
+    if output.logits_at is None:
+        ce_sum, ce_count = text_ce_loss(output.logits, labels)
+    else:
+        ce_sum, ce_count = text_ce_loss_at(output.logits, labels, output.logits_at)
     preds: list[torch.Tensor] = []
     gts: list[torch.Tensor] = []
     ignores: list[torch.Tensor | None] = []
@@ -258,7 +269,11 @@ class LisaObjective(nn.Module):
             resized = [tuple(map(int, hw)) for hw in batch.resized_hw]
             original = [tuple(map(int, hw)) for hw in batch.original_hw]
             images = ImageFeatures(frozen.sam_embeddings.to(m.device), tokens, resized, original)  # type: ignore[arg-type]
-        out = self.model(batch, images=images)
+        # The LM head only where the CE loss reads it, and nowhere when CE has no weight.
+        logits_at = supervised_positions(batch.labels)
+        if self.weights.ce == 0:
+            logits_at = torch.zeros_like(logits_at)
+        out = self.model(batch, images=images, logits_at=logits_at)
         return lisa_loss_terms(out, batch, self.weights, mask_loss_on_rej=self.mask_loss_on_rej)
 
 
@@ -392,6 +407,46 @@ class Trainer:
             return None
         with torch.no_grad():
             return self.cache.encode(batch.pixels, lambda px: self._encode_frozen(px, batch.resized_hw))
+
+    def prefill_cache(self, shard: tuple[int, int] = (0, 1), *, progress: bool = True) -> tuple[int, int]:
+        """Encode every distinct training image into ``train.encoder_cache`` before training.
+
+        ``shard=(i, n)`` encodes only the i-th of n interleaved parts, so n processes (one thread each on
+        a small CPU) can fill one cache together; the cache's atomic writes make that safe. Every
+        dataset of the recipe is walked whole (not the mixture's random draws). Returns (images seen in
+        this shard, images encoded now); the difference were already cached.
+        """
+        if self.cache is None:
+            raise ValueError("prefill_cache: the recipe sets no train.encoder_cache")
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"prefill_cache: shard must be i/n with 0 <= i < n, got {i}/{n}")
+        seen: set[str] = set()
+        todo: list[Any] = []
+        for spec in self.recipe.data.datasets:
+            ds = _build_one(spec, self.recipe.train.seed)
+            for k in range(len(ds)):
+                sample = _get_sample(ds, k, 0)
+                # datasets built from one folder (synth's two parts) name the same file differently
+                key = str(sample.image) if isinstance(sample.image, (str, Path)) else sample.image_id
+                if key in seen:
+                    continue
+                seen.add(key)
+                if (len(seen) - 1) % n == i:
+                    todo.append(sample)
+        before = self.cache.stats.misses
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"encode {i}/{n}", unit="image")
+        for sample in todo:
+            self._frozen_features(self.collate([sample]))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return len(todo), self.cache.stats.misses - before
 
     def _loader(self, stream: SampleStream, start: int, end: int) -> torch.utils.data.DataLoader:
         ds = _MicroBatches(self.dataset, stream, self.collate, self.rank, self.world_size)
