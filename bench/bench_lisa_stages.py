@@ -1,11 +1,14 @@
 """lisa-mobile per stage on this CPU: where a first query and a cached follow-up spend their time.
 
-    .venv/bin/python bench/bench_lisa_stages.py [--threads 1] [--repeats 5] [--answer-tokens 8] [--no-append]
+    .venv/bin/python bench/bench_lisa_stages.py [--model builtin|preset|DIR] [--threads 1] [--repeats 5]
+        [--answer-tokens 8] [--int8] [--no-append]
 
 Every stage is called on its own, all stages in turn inside one loop (``time_interleaved``), so that
 the load of other jobs on the shared cores hits them alike; the figures are medians.
 
-Stages (real SmolLM2-135M-Instruct + MobileSAM weights, untrained LISA head, skimage's coffee photo):
+Model: the built-in trained model (``models/lisa-mobile-synth``, real SmolLM2-135M-Instruct + MobileSAM
+base weights; it answers ``Sure, it is [SEG].``) by default, ``--model preset`` for the untrained preset;
+skimage's coffee photo. Stages:
 
 * ``preprocess``: decode + resize + normalise + pad the photo (``load_image`` + ``SamTransform``).
 * ``image encoder alone``: MobileSAM's TinyViT on [1,3,1024,1024] (the reference of the first query).
@@ -13,6 +16,9 @@ Stages (real SmolLM2-135M-Instruct + MobileSAM weights, untrained LISA head, ski
 * ``LM prefill, image prefix``: system prompt + 64 image tokens into the KV cache (once per image).
 * ``LM prefill, query``: the question's own tokens on a copy of the cached prefix (every query).
 * ``decode, per token``: one cached LM step + LM head + argmax.
+* ``LM prefill, query + N-token draft``: the question and a guessed N-token answer in one pass, and
+  the LM head on the guess: what a follow-up costs in the LM when the guess holds (speculative
+  decoding from answer drafts, ``LisaModel.generate(drafts=...)``, the predictor's default).
 * ``mask decode``: LISA head + SAM prompt/mask decoder for one ``[SEG]``.
 * ``postprocess``: low-res logits -> original-size logits, masks, scores (``ReasonSegPredictor``).
 * ``--int8``: the decode step and the follow-up again with ``quantization="cpu-int8"`` (torch dynamic
@@ -23,8 +29,10 @@ Stages (real SmolLM2-135M-Instruct + MobileSAM weights, untrained LISA head, ski
 Composed rows: a first query = preprocess + encode + both prefills + N decode steps + mask decode +
 postprocess; a follow-up on the cached image = query prefill + N decode steps + mask decode +
 postprocess, for an N-token answer (``--answer-tokens``, 8 by default: ``Sure, it is [SEG].`` plus the
-end token is 8 SmolLM2 tokens). End-to-end rows time ``set_image`` + ``predict`` and ``predict`` alone
-with the (untrained) model's own greedy answer capped at N tokens, stop tokens kept.
+end token is 8 SmolLM2 tokens), decoded token by token; the drafted follow-up replaces the query
+prefill and the N decode steps by the drafted pass. End-to-end rows time ``set_image`` + ``predict``
+and ``predict`` alone with the model's own greedy answer capped at N tokens, stop tokens kept, with
+the predictor's answer drafts (default) and token by token (``draft_answers=False``).
 """
 
 from __future__ import annotations
@@ -53,6 +61,11 @@ def _load_average() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--model",
+        default="builtin",
+        help="'builtin' (models/lisa-mobile-synth, the preset when absent), 'preset', or a model directory",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the note)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--answer-tokens", type=int, default=8)
@@ -70,10 +83,17 @@ def main() -> None:
     from reasonseg.data.transforms import load_image
     from reasonseg.inference.predictor import ReasonSegPredictor
     from reasonseg.model import LisaModel
+    from reasonseg.serving.loading import BUILTIN_MODEL_DIR
 
-    model = LisaModel.from_preset("lisa-mobile")
+    source = args.model
+    if source == "builtin":
+        source = str(BUILTIN_MODEL_DIR) if (BUILTIN_MODEL_DIR / "config.json").is_file() else "preset"
+    model = LisaModel.from_preset("lisa-mobile") if source == "preset" else LisaModel.from_pretrained(source)
+    model.eval()
     image = skimage.data.coffee()
     pred = ReasonSegPredictor(model, max_new_tokens=args.answer_tokens)
+    plain = ReasonSegPredictor(model, max_new_tokens=args.answer_tokens, draft_answers=False)
+    plain.set_image(image)
     prepared = pred.transform.prepare(load_image(image))
     pixels = prepared.pixels[None]
     feats = model.encode_images(pixels, [prepared.resized_hw], [prepared.original_hw])
@@ -116,6 +136,16 @@ def main() -> None:
         cache = copy.deepcopy(prefix_cache)
         model.mllm.run_decoder(model.mllm.embed(tail[None], None), mask_full, tail_pos, cache, True)
 
+    guess = pred.model.answer_drafts()[2][: args.answer_tokens]  # "Sure, it is [SEG]." + end token
+    guess_ids = torch.cat([tail, torch.tensor(guess)])[None]
+    guess_mask = torch.ones(1, plen + guess_ids.shape[1], dtype=torch.long)
+    guess_pos = torch.arange(plen, plen + guess_ids.shape[1])[None]
+
+    def prefill_query_drafted() -> None:
+        cache = copy.deepcopy(prefix_cache)
+        h = model.mllm.run_decoder(model.mllm.embed(guess_ids, None), guess_mask, guess_pos, cache, True)
+        model.mllm.lm_logits(h[:, -len(guess) - 1 :]).argmax(-1)
+
     def decode_step() -> None:
         # One step on a cache holding the prompt; cropped back so its length stays fixed.
         mask = torch.ones(1, step_len + 1, dtype=torch.long)
@@ -156,6 +186,9 @@ def main() -> None:
     def follow_up() -> None:
         answers.append(pred.predict(QUESTION).text)
 
+    def follow_up_plain() -> None:
+        plain.predict(QUESTION)
+
     batch_qs = [QUESTION, "Where is the spoon?", "Segment the saucer, please.", "What could I drink from?"]
 
     def singles() -> None:
@@ -172,10 +205,12 @@ def main() -> None:
         "LM prefill, image prefix": prefill_prefix,
         "LM prefill, query": prefill_query,
         "decode, per token": decode_step,
+        f"LM prefill, query + {len(guess)}-token draft": prefill_query_drafted,
         "mask decode": mask_decode,
         "postprocess": postprocess,
         "end-to-end first query": first_query,
         "end-to-end follow-up": follow_up,
+        "end-to-end follow-up, token by token": follow_up_plain,
         "4 questions, one predict each": singles,
         "4 questions, one predict_batch": batched,
     }
@@ -207,21 +242,27 @@ def main() -> None:
     n = args.answer_tokens
     follow = med["LM prefill, query"] + n * med["decode, per token"] + med["mask decode"] + med["postprocess"]
     first = med["preprocess"] + med["encode"] + med["LM prefill, image prefix"] + follow
+    drafted = med[f"LM prefill, query + {len(guess)}-token draft"] + med["mask decode"] + med["postprocess"]
+    first_drafted = med["preprocess"] + med["encode"] + med["LM prefill, image prefix"] + drafted
     enc = med["image encoder alone"]
     answer_len = len(model.tokenizer(answers[-1]).input_ids) if answers else 0
 
     rows = [[name, f"{ms:.1f}", f"{ms / enc:.3f}"] for name, ms in med.items()]
     rows.append([f"composed first query ({n}-token answer)", f"{first:.1f}", f"{first / enc:.3f}"])
     rows.append([f"composed follow-up ({n}-token answer)", f"{follow:.1f}", f"{follow / enc:.3f}"])
+    rows.append(["composed first query, drafted", f"{first_drafted:.1f}", f"{first_drafted / enc:.3f}"])
+    rows.append(["composed follow-up, drafted", f"{drafted:.1f}", f"{drafted / enc:.3f}"])
     table = format_table(["stage", "median ms", "x encoder"], rows)
     load_after = _load_average()
     notes = [
         f"{args.threads} torch thread(s); median of {args.repeats} interleaved rounds after 1 warm-up; "
         f"load average (1/5/15 min) before {load_before}, after {load_after}",
-        f"prompt {len(ids)} tokens ({plen} cached with the image, {len(tail)} per query); "
-        f"end-to-end answer ({answer_len} tokens, untrained model, cap {n}): {answers[-1]!r}",
-        f"goals: follow-up <= 150 ms -> composed {follow:.0f} ms; first query <= 1.3x encoder -> "
-        f"composed {first / enc:.2f}x, end-to-end {med['end-to-end first query'] / enc:.2f}x",
+        f"model {source}; prompt {len(ids)} tokens ({plen} cached with the image, {len(tail)} per query); "
+        f"end-to-end answer ({answer_len} tokens, cap {n}): {answers[-1]!r}",
+        f"goals: follow-up <= 150 ms -> end-to-end {med['end-to-end follow-up']:.0f} ms (token by token "
+        f"{med['end-to-end follow-up, token by token']:.0f} ms; composed {follow:.0f}, drafted {drafted:.0f}); "
+        f"first query <= 1.3x encoder -> end-to-end {med['end-to-end first query'] / enc:.2f}x "
+        f"(composed {first / enc:.2f}x, drafted {first_drafted / enc:.2f}x)",
         f"predict_batch of 4 vs 4 predicts (cached image prefix shared by the batch): x"
         f"{med['4 questions, one predict each'] / med['4 questions, one predict_batch']:.2f}",
         "training samples/s: see the bench/bench_train.py sections",

@@ -237,6 +237,16 @@ def test_prefix_cache_gives_the_same_answer(trained) -> None:
     _assert_same_generation(with_prefix, plain)
     again = model.generate([ids], feats.select([0]), prefix_cache=cache)  # the cache was not consumed
     _assert_same_generation(again, plain)
+    # Built in two parts: the text before the image once, then each image's tokens on a copy of it.
+    head = model.prefix_cache(ids[:first_image], None)
+    two_part = model.prefix_cache(ids[:plen], feats.select([0]), start=head)
+    for a, b in zip(two_part[0].layers, cache[0].layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+    _assert_same_generation(model.generate([ids], feats.select([0]), prefix_cache=two_part), plain)
+    assert head[0].get_seq_length() == first_image  # the start was copied, not extended
+    with pytest.raises(ValueError, match="start covers"):
+        model.prefix_cache(ids[:first_image], None, start=head)
 
 
 def _count_lm_passes(model: LisaModel) -> list[int]:

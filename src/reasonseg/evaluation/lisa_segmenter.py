@@ -188,7 +188,8 @@ class LisaSegmenter:
                     add_generation_prompt=True,
                 ).input_ids
             )
-        gen = model.generate(prompts, feats, max_new_tokens=self.max_new_tokens)
+        # Greedy answers checked against the answer templates in one pass (same answers, fewer passes).
+        gen = model.generate(prompts, feats, max_new_tokens=self.max_new_tokens, drafts=model.answer_drafts())
         assert gen.masks is not None
         results = []
         for i in range(len(items)):

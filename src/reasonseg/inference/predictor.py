@@ -144,6 +144,9 @@ class ReasonSegPredictor:
         self._image_hw: tuple[int, int] | None = None
         self._prefix: tuple[torch.Tensor, Any, int] | None = None
         self.draft_answers = draft_answers
+        self._text_head: tuple[torch.Tensor, Any, int] | None = (
+            None  # keys/values of the text before the image
+        )
         self._recent: list[list[int]] = []  # token ids of the latest distinct answers, newest first
 
     # ------------------------------------------------------------------------------------------- image
@@ -205,7 +208,15 @@ class ReasonSegPredictor:
             return None
         prefix = ids[:end]
         if self._prefix is None or not torch.equal(self._prefix[0], prefix):
-            cache, plen = self.model.prefix_cache(prefix, self._features)
+            # The text before the image (system prompt, turn header) is the same for every image:
+            # its keys/values are computed once per predictor and extended with each image's tokens.
+            head = prefix[: int(image_pos[0])]
+            start = None
+            if len(head):
+                if self._text_head is None or not torch.equal(self._text_head[0], head):
+                    self._text_head = (head, *self.model.prefix_cache(head, None))
+                start = (self._text_head[1], self._text_head[2])
+            cache, plen = self.model.prefix_cache(prefix, self._features, start=start)
             self._prefix = (prefix, cache, plen)
         return self._prefix[1], self._prefix[2]
 

@@ -675,16 +675,33 @@ class LisaModel(nn.Module):
         return self.tokenizer.decode(toks, skip_special_tokens=False).strip()
 
     @torch.no_grad()
-    def prefix_cache(self, prefix_ids: torch.Tensor, images: ImageFeatures | None) -> tuple[Any, int]:
+    def prefix_cache(
+        self,
+        prefix_ids: torch.Tensor,
+        images: ImageFeatures | None,
+        *,
+        start: tuple[Any, int] | None = None,
+    ) -> tuple[Any, int]:
         """Keys/values of a prompt prefix [P] (e.g. system prompt + image tokens) for one image,
-        reusable by :meth:`generate` (``prefix_cache=``) for every prompt that starts with it."""
+        reusable by :meth:`generate` (``prefix_cache=``) for every prompt that starts with it.
+
+        ``start``: ``(cache, S)`` of the prefix's first S tokens (e.g. the text before the image, the
+        same for every image: :meth:`prefix_cache` of those tokens with ``images=None``); it is copied,
+        not consumed, and only the remaining P - S tokens are run.
+        """
         from transformers import DynamicCache
 
         ids = prefix_ids.to(self.device)[None]
         mask = torch.ones_like(ids)
-        cache = DynamicCache(config=self.mllm.lm.config)
-        embeds = self.mllm.embed(ids, images.vision_tokens if images is not None else None)
-        self.mllm.run_decoder(embeds, mask, positions_from_mask(mask), cache, True)
+        s = 0
+        if start is not None:
+            cache, s = copy.deepcopy(start[0]), int(start[1])
+            if not 0 < s < ids.shape[1]:
+                raise ValueError(f"prefix_cache: start covers {s} tokens of a {ids.shape[1]}-token prefix")
+        else:
+            cache = DynamicCache(config=self.mllm.lm.config)
+        embeds = self.mllm.embed(ids[:, s:], images.vision_tokens if images is not None else None)
+        self.mllm.run_decoder(embeds, mask, positions_from_mask(mask)[:, s:], cache, True)
         return cache, int(ids.shape[1])
 
     # ----------------------------------------------------------------------------------- save and load

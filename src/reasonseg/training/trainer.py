@@ -209,6 +209,8 @@ def lisa_loss_terms(
     labels = batch.labels.to(output.logits.device)
     if output.logits_at is None:
         ce_sum, ce_count = text_ce_loss(output.logits, labels)
+    elif not bool(output.logits_at.any()):  # the LM head was skipped (CE weight 0): no CE term
+        ce_sum, ce_count = output.hidden_states.new_zeros((), dtype=torch.float32), 0
     else:
         ce_sum, ce_count = text_ce_loss_at(output.logits, labels, output.logits_at)
     preds: list[torch.Tensor] = []
