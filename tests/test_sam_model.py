@@ -158,6 +158,22 @@ def test_tiny_vit_fused_path_equals_plain_path() -> None:
     torch.testing.assert_close(after, sam.image_encoder(x).detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_dense_pe_is_computed_once_and_follows_its_buffer(tiny_sam: Sam) -> None:
+    pe = tiny_sam.prompt_encoder
+    with torch.no_grad():
+        first = pe.get_dense_pe()
+        assert pe.get_dense_pe() is first  # memoised
+        fresh = pe.pe_layer(pe.image_embedding_size).unsqueeze(0)
+        torch.testing.assert_close(first, fresh, rtol=0, atol=0)
+        state = {k: v * 2 for k, v in pe.state_dict().items()}
+        pe.load_state_dict(state)  # copies into the buffer in place: its version changes
+        changed = pe.get_dense_pe()
+        assert changed is not first
+        torch.testing.assert_close(changed, pe.pe_layer(pe.image_embedding_size).unsqueeze(0))
+        pe.load_state_dict({k: v / 2 for k, v in state.items()})
+    assert pe.get_dense_pe() is not pe.get_dense_pe()  # with autograd on: never shared
+
+
 def test_training_mode_backpropagates() -> None:
     sam = build_sam("tiny_vit_t").train()
     out = sam.image_encoder(torch.randn(2, 3, 128, 128))

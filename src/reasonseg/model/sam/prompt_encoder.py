@@ -89,8 +89,21 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid: [1, embed_dim, h, w]."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image-embedding grid: [1, embed_dim, h, w].
+
+        It depends only on the frozen frequency buffer, so it is computed once (about 2 ms on a CPU
+        core, paid on every mask decode otherwise) and recomputed when the buffer changes (load,
+        in-place edit, device or dtype move). Under autograd it is always recomputed.
+        """
+        buf = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (buf.data_ptr(), buf._version, buf.device, buf.dtype, tuple(self.image_embedding_size))
+        memo = self.__dict__.get("_dense_pe")
+        if memo is not None and memo[0] == key and not torch.is_grad_enabled():
+            return memo[1]
+        pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        if not torch.is_grad_enabled():
+            self.__dict__["_dense_pe"] = (key, pe)
+        return pe
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """[B, N, 2] points, [B, N] labels (1 fg, 0 bg, -1 padding) -> [B, N (+1 if pad), C]."""
