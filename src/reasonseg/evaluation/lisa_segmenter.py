@@ -8,17 +8,17 @@
   (greedy, KV cache, left padding for batches); each generated ``[SEG]`` gives a mask, a generated
   ``[REJ]`` gives none (what a user sees).
 
-Images are encoded once per batch; with ``cache_dir`` the encoder outputs (SAM embeddings and the LM's
-projected image tokens) are stored on disk with :class:`reasonseg.training.encoder_cache.EncoderCache`,
-keyed by the preprocessed pixels and the encoders' weights, so a second evaluation, another mode, or
-several items on one image skip the image encoder.
+Images are encoded once per batch; with ``cache_dir`` the frozen encoders' outputs (SAM embeddings and
+the vision tower's features, before the trained projector) are stored on disk with
+:class:`reasonseg.training.encoder_cache.EncoderCache`, keyed by the preprocessed pixels and the
+encoders' weights, so a second evaluation, another mode or checkpoint, several items on one image, or
+images a training run with the same cache already saw skip the image encoder.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,14 +32,6 @@ if TYPE_CHECKING:
     from reasonseg.model.outputs import ImageFeatures
 
 __all__ = ["LisaSegmenter"]
-
-
-@dataclass
-class _EncodedImage:
-    """The tensors of ``ImageFeatures`` for a batch (what the disk cache stores per image)."""
-
-    sam_embeddings: torch.Tensor  # [B,256,h,w]
-    vision_tokens: torch.Tensor  # [B,N,H]
 
 
 class LisaSegmenter:
@@ -75,62 +67,37 @@ class LisaSegmenter:
         self.max_length = max_length
         self.cache: Any = None
         if cache_dir is not None:
-            from reasonseg.training.encoder_cache import EncoderCache, encoder_fingerprint
+            from reasonseg.training.encoder_cache import frozen_encoder_cache
 
-            fingerprint = encoder_fingerprint(
-                {
-                    "sam_image_encoder": model.sam.image_encoder,
-                    "vision_tower": model.mllm.vision_tower,
-                    "projector": model.mllm.projector,
-                },
-                config=f"sam-input-{self.transform.target_length}|vision-{model.config.vision.kind}",
-            )
-            self.cache = EncoderCache(cache_dir, fingerprint, output_type=_EncodedImage)
+            # The frozen encoders' outputs, before the projector: the training cache's layout, so
+            # every checkpoint of a base model (and its training run) shares one cache.
+            self.cache = frozen_encoder_cache(model, cache_dir)
         self.encoder_calls = 0  # images actually run through the encoder (cache misses)
         self.encoder_seconds = 0.0  # wall time spent in the image encoder
 
     # -- images ----------------------------------------------------------------------------------
     def encode(self, images: Sequence[np.ndarray]) -> ImageFeatures:
         """HxWx3 uint8 images -> :class:`ImageFeatures` (row i for image i), through the cache if any."""
-        from reasonseg.model.outputs import ImageFeatures
+        from reasonseg.training.encoder_cache import FrozenImageFeatures, encode_frozen, image_features
 
         prepared = [self.transform.prepare(im) for im in images]
         pixels = torch.stack([p.pixels for p in prepared])  # [B,3,L,L]
         resized = [p.resized_hw for p in prepared]
         original = [p.original_hw for p in prepared]
 
-        def run(idx: list[int]) -> _EncodedImage:
+        def run(idx: list[int]) -> FrozenImageFeatures:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                f = self.model.encode_images(
-                    pixels[idx], [resized[i] for i in idx], [original[i] for i in idx]
-                )
+            out = encode_frozen(self.model, pixels[idx], [resized[i] for i in idx])
             self.encoder_calls += len(idx)
             self.encoder_seconds += time.perf_counter() - t0
-            return _EncodedImage(f.sam_embeddings, f.vision_tokens)
+            return out
 
-        if self.cache is None:
-            enc = run(list(range(len(images))))
-            return ImageFeatures(enc.sam_embeddings, enc.vision_tokens, resized, original)
-
-        from reasonseg.training.encoder_cache import content_key
-
-        # Per-image lookups, one encoder pass over the misses (their sizes travel with them).
-        keys = [content_key(p) for p in pixels]
-        entries: list[dict[str, torch.Tensor] | None] = [self.cache.get(k) for k in keys]
-        missing = [i for i, e in enumerate(entries) if e is None]
-        self.cache.stats.hits += len(keys) - len(missing)
-        self.cache.stats.misses += len(missing)
-        if missing:
-            enc = run(missing)
-            for j, i in enumerate(missing):
-                entry = {"sam_embeddings": enc.sam_embeddings[j], "vision_tokens": enc.vision_tokens[j]}
-                self.cache.put(keys[i], entry)
-                entries[i] = entry
-        device, dtype = self.model.device, self.model.dtype
-        sam = torch.stack([e["sam_embeddings"] for e in entries if e is not None]).to(device, dtype)
-        tok = torch.stack([e["vision_tokens"] for e in entries if e is not None]).to(device, dtype)
-        return ImageFeatures(sam, tok, resized, original)
+        with torch.no_grad():
+            if self.cache is None:
+                frozen = run(list(range(len(images))))
+            else:
+                frozen = self.cache.encode_indexed(pixels, run)
+            return image_features(self.model, frozen, resized, original)
 
     # -- the interface ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -31,7 +31,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["CacheStats", "EncoderCache", "content_key", "encoder_fingerprint"]
+__all__ = [
+    "CacheStats",
+    "EncoderCache",
+    "FrozenImageFeatures",
+    "content_key",
+    "encode_frozen",
+    "encoder_fingerprint",
+    "frozen_encoder_cache",
+    "frozen_features",
+    "image_features",
+]
 
 
 def content_key(pixels: torch.Tensor) -> str:
@@ -130,6 +140,11 @@ class EncoderCache:
         Returns:
             An ``output_type`` holding all B images, on ``pixels.device``.
         """
+        return self.encode_indexed(pixels, lambda idx: encode_fn(pixels[idx]))
+
+    def encode_indexed(self, pixels: torch.Tensor, encode_fn: Callable[[list[int]], Any]) -> Any:
+        """:meth:`encode` with an encoder that takes the batch indices of the images to compute (for
+        encoders that also need per-image metadata, such as the resized sizes)."""
         if pixels.dim() != 4:
             raise ValueError(f"EncoderCache.encode: pixels must be [B,3,L,L], got {tuple(pixels.shape)}")
         keys = [content_key(p) for p in pixels]
@@ -139,7 +154,7 @@ class EncoderCache:
         self.stats.misses += len(missing)
         if missing:
             with torch.no_grad():
-                out = encode_fn(pixels[missing])
+                out = encode_fn(missing)
             if not isinstance(out, self.output_type):
                 got, want = type(out).__name__, self.output_type.__name__
                 raise TypeError(f"EncoderCache: encoder returned {got}, cache expects {want}")
@@ -172,3 +187,65 @@ def _from_fields(stacked: dict[str, torch.Tensor], output_type: type) -> Any:
     if issubclass(output_type, torch.Tensor):
         return stacked["tensor"]
     return output_type(**{f.name: stacked.get(f.name) for f in dataclasses.fields(output_type)})
+
+
+# ------------------------------------------------------------------------ a LisaModel's frozen encoders
+
+
+@dataclasses.dataclass
+class FrozenImageFeatures:
+    """What the cache stores per image for a ``LisaModel``: the frozen encoders' outputs, before any
+    trained part, so training and evaluation of any checkpoint on the same base share the entries.
+
+    sam_embeddings: [B,256,h,w]; tower_features: [B,N,C] (the vision tower's output, pre-projector).
+    """
+
+    sam_embeddings: torch.Tensor
+    tower_features: torch.Tensor
+
+
+def frozen_encoder_cache(model: Any, root: str | Path) -> EncoderCache:
+    """The cache of ``model``'s frozen image encoders (SAM image encoder + vision tower) under ``root``."""
+    import json
+
+    frozen = {"sam_image_encoder": model.sam.image_encoder, "vision_tower": model.mllm.vision_tower}
+    config = json.dumps({"vision": dataclasses.asdict(model.config.vision), "sam": model.config.sam.name})
+    return EncoderCache(root, encoder_fingerprint(frozen, config), output_type=FrozenImageFeatures)
+
+
+def encode_frozen(model: Any, pixels: torch.Tensor, resized_hw: Any) -> FrozenImageFeatures:
+    """Run ``model``'s frozen encoders on SAM-preprocessed pixels [B,3,L,L] (``resized_hw``: B sizes)."""
+    from reasonseg.model.vision_tower import sam_pixels_to_clip
+
+    pixels = pixels.to(device=model.device, dtype=model.dtype)
+    sam = model.sam.image_encoder(pixels)  # [B,256,h,w]
+    if model.config.vision.kind == "sam":
+        tower_in = sam
+    else:
+        sizes = [tuple(map(int, hw)) for hw in resized_hw]
+        tower_in = sam_pixels_to_clip(pixels, sizes, model.mllm.vision_tower.image_size)
+    return FrozenImageFeatures(sam, model.mllm.vision_tower(tower_in))
+
+
+def frozen_features(
+    model: Any, pixels: torch.Tensor, resized_hw: Any, cache: EncoderCache | None = None
+) -> FrozenImageFeatures:
+    """:func:`encode_frozen` through ``cache`` (computing only the images it lacks), or directly."""
+    with torch.no_grad():
+        if cache is None:
+            return encode_frozen(model, pixels, resized_hw)
+        sizes = list(resized_hw)
+        return cache.encode_indexed(
+            pixels, lambda idx: encode_frozen(model, pixels[idx], [sizes[i] for i in idx])
+        )
+
+
+def image_features(model: Any, frozen: FrozenImageFeatures, resized_hw: Any, original_hw: Any) -> Any:
+    """``model.encode_images``'s result from cached :class:`FrozenImageFeatures`: the (trained)
+    projector runs here, on the model's device."""
+    from reasonseg.model.outputs import ImageFeatures
+
+    tokens = model.mllm.projector(frozen.tower_features.to(model.device, model.dtype))  # [B,N,C] -> [B,N,H]
+    resized = [tuple(map(int, hw)) for hw in resized_hw]
+    original = [tuple(map(int, hw)) for hw in original_hw]
+    return ImageFeatures(frozen.sam_embeddings.to(model.device, model.dtype), tokens, resized, original)

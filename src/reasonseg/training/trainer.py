@@ -37,7 +37,13 @@ from reasonseg.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from reasonseg.training.encoder_cache import EncoderCache, encoder_fingerprint
+from reasonseg.training.encoder_cache import (
+    EncoderCache,
+    FrozenImageFeatures,
+    frozen_encoder_cache,
+    frozen_features,
+    image_features,
+)
 from reasonseg.training.freeze import TrainablePlan, apply_lisa_freeze_policy, set_frozen_eval
 from reasonseg.training.losses import (
     LossTerms,
@@ -207,12 +213,13 @@ def lisa_loss_terms(
     [REJ] slots are left out of the mask terms unless ``mask_loss_on_rej``.
     """
     labels = batch.labels.to(output.logits.device)
-    if output.logits_at is None:
+    logits_at = getattr(output, "logits_at", None)
+    if logits_at is None:
         ce_sum, ce_count = text_ce_loss(output.logits, labels)
-    elif not bool(output.logits_at.any()):  # the LM head was skipped (CE weight 0): no CE term
+    elif not bool(logits_at.any()):  # the LM head was skipped (CE weight 0): no CE term
         ce_sum, ce_count = output.hidden_states.new_zeros((), dtype=torch.float32), 0
     else:
-        ce_sum, ce_count = text_ce_loss_at(output.logits, labels, output.logits_at)
+        ce_sum, ce_count = text_ce_loss_at(output.logits, labels, logits_at)
     preds: list[torch.Tensor] = []
     gts: list[torch.Tensor] = []
     ignores: list[torch.Tensor | None] = []
@@ -230,17 +237,6 @@ def lisa_loss_terms(
         ignores.append(None if ign is None else torch.as_tensor(ign, dtype=torch.bool))
     bce_sum, dice_sum, count = mask_losses(preds, gts, ignores, weights=weights)
     return LossTerms(ce_sum, ce_count, bce_sum.to(ce_sum.device), dice_sum.to(ce_sum.device), count)
-
-
-@dataclass
-class FrozenImageFeatures:
-    """What the encoder cache stores per image: the frozen encoders' outputs, before any trained part.
-
-    sam_embeddings: [B,256,h,w]; tower_features: [B,N,C] (the vision tower's output, pre-projector).
-    """
-
-    sam_embeddings: torch.Tensor
-    tower_features: torch.Tensor
 
 
 class LisaObjective(nn.Module):
@@ -264,13 +260,7 @@ class LisaObjective(nn.Module):
     def forward(self, batch: Any, frozen: FrozenImageFeatures | None = None) -> LossTerms:
         images = None
         if frozen is not None:
-            from reasonseg.model.outputs import ImageFeatures
-
-            m = self.model
-            tokens = m.mllm.projector(frozen.tower_features.to(m.device))  # [B,N,C] -> [B,N,H]
-            resized = [tuple(map(int, hw)) for hw in batch.resized_hw]
-            original = [tuple(map(int, hw)) for hw in batch.original_hw]
-            images = ImageFeatures(frozen.sam_embeddings.to(m.device), tokens, resized, original)  # type: ignore[arg-type]
+            images = image_features(self.model, frozen, batch.resized_hw, batch.original_hw)
         # The LM head only where the CE loss reads it, and nowhere when CE has no weight.
         logits_at = supervised_positions(batch.labels)
         if self.weights.ce == 0:
@@ -381,34 +371,13 @@ class Trainer:
             raise ValueError(
                 "train.encoder_cache needs frozen image encoders (SAM image encoder, vision tower)"
             )
-        config = json.dumps({"vision": dataclasses.asdict(m.config.vision), "sam": m.config.sam.name})
-        fp = encoder_fingerprint(
-            {"sam_image_encoder": m.sam.image_encoder, "vision_tower": m.mllm.vision_tower}, config
-        )
-        return EncoderCache(root, fp, output_type=FrozenImageFeatures)
-
-    def _encode_frozen(
-        self, pixels: torch.Tensor, resized_hw: Sequence[tuple[int, int]]
-    ) -> FrozenImageFeatures:
-        from reasonseg.model.vision_tower import sam_pixels_to_clip
-
-        m = self.model
-        pixels = pixels.to(device=m.device, dtype=m.dtype)
-        sam = m.sam.image_encoder(pixels)  # [B,256,h,w]
-        if m.config.vision.kind == "sam":
-            tower_in = sam
-        else:
-            tower_in = sam_pixels_to_clip(
-                pixels, [tuple(map(int, hw)) for hw in resized_hw], m.mllm.vision_tower.image_size
-            )
-        return FrozenImageFeatures(sam, m.mllm.vision_tower(tower_in))
+        return frozen_encoder_cache(m, root)
 
     def _frozen_features(self, batch: Any) -> FrozenImageFeatures | None:
         """The frozen encoders' outputs through the disk cache (None without a cache: the model encodes)."""
         if self.cache is None:
             return None
-        with torch.no_grad():
-            return self.cache.encode(batch.pixels, lambda px: self._encode_frozen(px, batch.resized_hw))
+        return frozen_features(self.model, batch.pixels, batch.resized_hw, self.cache)
 
     def prefill_cache(self, shard: tuple[int, int] = (0, 1), *, progress: bool = True) -> tuple[int, int]:
         """Encode every distinct training image into ``train.encoder_cache`` before training.
