@@ -35,6 +35,12 @@ def fusable(x: torch.Tensor) -> bool:
     )
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version`` (bumped by every in-place change), or -1 for an inference tensor, which keeps
+    no counter (memoisation keyed on it then relies on the tensor's identity alone)."""
+    return -1 if t.is_inference() else int(t._version)
+
+
 def linear(
     x: torch.Tensor, layer: nn.Linear, act: str = "none", residual: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -6,12 +6,13 @@ Parameter names match Meta's ``segment_anything``.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasonseg.model.sam.common import LayerNorm2d
+from reasonseg.model.sam.common import LayerNorm2d, tensor_version
 from reasonseg.model.sam.transformer import TwoWayTransformer
 
 __all__ = ["MLP", "MaskDecoder"]
@@ -99,6 +100,19 @@ class MaskDecoder(nn.Module):
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou_pred[:, sel]
 
+    def _pe_tokens(self, image_pe: torch.Tensor) -> torch.Tensor:
+        """``image_pe`` [1, C, h, w] as tokens [1, h*w, C]; memoised for the same tensor (e.g. the
+        prompt encoder's memoised ``get_dense_pe()``) while it is unchanged and autograd is off."""
+        if image_pe.shape[0] != 1:
+            raise ValueError(f"MaskDecoder: image_pe must have batch 1, got {tuple(image_pe.shape)}")
+        memo = self.__dict__.get("_pe_memo")
+        if memo is not None and memo[0]() is image_pe and memo[1] == tensor_version(image_pe):
+            return memo[2]
+        tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
+        if not torch.is_grad_enabled():
+            self.__dict__["_pe_memo"] = (weakref.ref(image_pe), tensor_version(image_pe), tokens)
+        return tokens
+
     def predict_masks(
         self,
         image_embeddings: torch.Tensor,
@@ -112,20 +126,29 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
 
-        src = _per_prompt(image_embeddings, n, "image_embeddings") + dense_prompt_embeddings
-        pos_src = _per_prompt(image_pe, n, "image_pe")
-        b, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        image = _per_prompt(image_embeddings, n, "image_embeddings")
+        b, c, h, w = image.shape
+        # The image + dense prompt sum written straight in token layout [N, h*w, C] (one pass; the
+        # transformer would otherwise copy the NCHW sum into that layout), and the positional
+        # encoding's token layout kept for as long as the same encoding is passed in.
+        src = torch.empty(b, h * w, c, dtype=image.dtype, device=image.device)
+        dense = torch.broadcast_to(dense_prompt_embeddings, (b, c, h, w))
+        torch.add(image.flatten(2).transpose(1, 2), dense.flatten(2).transpose(1, 2), out=src)
+        hs, src = self.transformer.forward_tokens(src, self._pe_tokens(image_pe), tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # [N, K, C]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [N, C/8, 4h, 4w]
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )  # [N, K, C/8]
-        b, c8, uh, uw = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c8, uh * uw)).view(b, -1, uh, uw)
+        if _standard_upscaling(self.output_upscaling):
+            up = _upscale_channels_last(self.output_upscaling, src.reshape(b, h, w, c))  # [N, 4h, 4w, C/8]
+            uh, uw = up.shape[1:3]
+            masks = (hyper_in @ up.reshape(b, uh * uw, -1).transpose(1, 2)).view(b, -1, uh, uw)
+        else:
+            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [N, C/8, 4h, 4w]
+            b, c8, uh, uw = upscaled.shape
+            masks = (hyper_in @ upscaled.reshape(b, c8, uh * uw)).view(b, -1, uh, uw)
         return masks, self.iou_prediction_head(iou_token_out)
 
 
@@ -136,3 +159,47 @@ def _per_prompt(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
     if x.shape[0] == 1:
         return x.expand(n, -1, -1, -1)
     raise ValueError(f"MaskDecoder: {name} has batch {x.shape[0]}, expected 1 or the number of prompts ({n})")
+
+
+def _standard_upscaling(seq: nn.Sequential) -> bool:
+    """SAM's upscaling: ConvT(2,2) -> LayerNorm2d -> GELU -> ConvT(2,2) -> GELU, exact GELU, no groups."""
+    if len(seq) != 5:
+        return False
+    c1, ln, a1, c2, a2 = seq
+    convs_ok = all(
+        isinstance(c, nn.ConvTranspose2d)
+        and c.kernel_size == (2, 2)
+        and c.stride == (2, 2)
+        and c.padding == (0, 0)
+        and c.output_padding == (0, 0)
+        and c.dilation == (1, 1)
+        and c.groups == 1
+        and c.bias is not None
+        for c in (c1, c2)
+    )
+    gelus_ok = all(isinstance(a, nn.GELU) and a.approximate == "none" for a in (a1, a2))
+    return convs_ok and gelus_ok and isinstance(ln, LayerNorm2d)
+
+
+def _conv_t2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A stride-2, 2x2 transposed convolution on a channels-last map [N, h, w, Cin] -> [N, 2h, 2w, Cout].
+
+    Each input pixel writes its own 2x2 output block, so the layer is one matrix product
+    [N*h*w, Cin] x [Cin, 2*2*Cout] followed by a reshuffle: much faster on a CPU than the generic
+    transposed-convolution kernel, and it needs no NCHW<->NHWC copies.
+    """
+    n, h, w, cin = x.shape
+    cout = conv.out_channels
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # [Cin, (i, j, Cout)]
+    bias = conv.bias.repeat(4)  # type: ignore[union-attr]
+    y = torch.addmm(bias, x.reshape(n * h * w, cin), weight)  # [N*h*w, (i, j, Cout)]
+    y = y.view(n, h, w, 2, 2, cout).permute(0, 1, 3, 2, 4, 5)  # [N, h, i, w, j, Cout]
+    return y.reshape(n, 2 * h, 2 * w, cout)
+
+
+def _upscale_channels_last(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``output_upscaling`` on channels-last input [N, h, w, C] -> [N, 4h, 4w, C/8] (channels last)."""
+    c1, ln, _, c2, _ = seq
+    y = _conv_t2x2(x, c1)
+    y = F.gelu(F.layer_norm(y, (y.shape[-1],), ln.weight, ln.bias, ln.eps))
+    return F.gelu(_conv_t2x2(y, c2))

@@ -7,11 +7,12 @@ Parameter names match Meta's ``segment_anything``.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
 
-from reasonseg.model.sam.common import LayerNorm2d
+from reasonseg.model.sam.common import LayerNorm2d, tensor_version
 
 __all__ = ["PositionEmbeddingRandom", "PromptEncoder"]
 
@@ -96,13 +97,13 @@ class PromptEncoder(nn.Module):
         in-place edit, device or dtype move). Under autograd it is always recomputed.
         """
         buf = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (buf.data_ptr(), buf._version, buf.device, buf.dtype, tuple(self.image_embedding_size))
+        key = (tensor_version(buf), tuple(self.image_embedding_size))
         memo = self.__dict__.get("_dense_pe")
-        if memo is not None and memo[0] == key and not torch.is_grad_enabled():
-            return memo[1]
+        if memo is not None and memo[0]() is buf and memo[1] == key and not torch.is_grad_enabled():
+            return memo[2]
         pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
         if not torch.is_grad_enabled():
-            self.__dict__["_dense_pe"] = (key, pe)
+            self.__dict__["_dense_pe"] = (weakref.ref(buf), key, pe)
         return pe
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:

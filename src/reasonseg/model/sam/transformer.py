@@ -138,6 +138,12 @@ class TwoWayTransformer(nn.Module):
         # again by every projection and propagate their strides through every add.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        return self.forward_tokens(keys, key_pe, point_embedding)
+
+    def forward_tokens(
+        self, keys: torch.Tensor, key_pe: torch.Tensor, point_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on image tokens already laid out as keys [B, h*w, C] and key_pe [B|1, h*w, C]."""
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
