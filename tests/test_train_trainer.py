@@ -92,3 +92,40 @@ def test_bf16_mixed_precision_steps_run_on_cpu(tmp_path: Path) -> None:
     result = trainer.fit()
     assert result.steps == 2 and all(math.isfinite(h.loss) for h in result.history)
     assert all(p.dtype == torch.float32 for p in trainer.plan.parameters())  # master weights stay fp32
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_head_input_standardisation_rewrites_the_first_layer_exactly(tmp_path: Path) -> None:
+    from reasonseg.training.recipe import recipe_from_dict
+    from reasonseg.training.trainer import Trainer, build_model
+    from train_support import collator_for, make_samples
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"preset": "lisa-mobile", "tiny": True},
+            "optim": {"lr": 1e-3, "warmup_steps": 0, "total_steps": 1},
+            "train": {
+                "output_dir": str(tmp_path),
+                "micro_batch_size": 2,
+                "progress_bar": False,
+                "num_threads": 1,
+                "head_init_samples": 4,
+            },
+        }
+    )
+    model = build_model(recipe.model)
+    trainer = Trainer(recipe, model=model, dataset=make_samples(4), collate=collator_for(model))
+    first = model.text_hidden_fcs[0]
+    w0, b0 = first.weight.detach().clone(), first.bias.detach().clone()
+    mu, sigma = trainer.standardise_head_input(4)
+    assert model.training  # the mode is restored
+    x = torch.randn(3, w0.shape[1])
+    expected = ((x - mu) / sigma) @ w0.T + b0
+    torch.testing.assert_close(first(x), expected, atol=1e-4, rtol=1e-4)
+    # fit() runs it once on a fresh run, before the first step
+    calls: list[int] = []
+    trainer.standardise_head_input = lambda n: calls.append(n)  # type: ignore[method-assign]
+    trainer.fit()
+    assert calls == [4]
+    with pytest.raises(ValueError, match="head_init_samples"):
+        recipe_from_dict({"train": {"head_init_samples": -1}})

@@ -132,10 +132,16 @@ def seg_turns(
     explanation: str | None = None,
     names: Sequence[str] | None = None,
     rng: np.random.Generator | None = None,
+    fixed_answer: bool = False,
 ) -> list[Turn]:
-    """A two-turn segmentation conversation: user (image token + question), assistant (answer)."""
+    """A two-turn segmentation conversation: user (image token + question), assistant (answer).
+
+    ``fixed_answer``: always the first answer template ("It is [SEG]." / "It is [REJ]." / "Sure, they
+    are ..."), whatever ``rng``; questions still vary. A small model trained briefly learns the slot's
+    meaning faster when the context before the slot does not change.
+    """
     q = question(text, is_sentence=is_sentence, explain=explanation is not None, rng=rng)
-    a = answer(target_kinds, names=names, explanation=explanation, rng=rng)
+    a = answer(target_kinds, names=names, explanation=explanation, rng=None if fixed_answer else rng)
     return [Turn("user", f"{IMAGE_TOKEN}\n{q}"), Turn("assistant", a)]
 
 

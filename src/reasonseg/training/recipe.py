@@ -161,7 +161,9 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 class TrainSettings:
     """Loop settings. ``checkpoint_every`` is in optimiser steps; ``encoder_cache`` a directory for the
     frozen image encoders' outputs (None: encode every time); ``num_threads`` sets torch's intra-op
-    threads per process (on a shared or small CPU, 1 per process avoids oversubscription)."""
+    threads per process (on a shared or small CPU, 1 per process avoids oversubscription);
+    ``head_init_samples`` > 0 standardises the LISA head's input on that many training samples before
+    the first step (``Trainer.standardise_head_input``; a fresh run only)."""
 
     output_dir: str = "runs/train"
     micro_batch_size: int = 2
@@ -175,8 +177,11 @@ class TrainSettings:
     progress_bar: bool = True
     find_unused_parameters: bool = True
     num_threads: int | None = None
+    head_init_samples: int = 0
 
     def __post_init__(self) -> None:
+        if self.head_init_samples < 0:
+            raise ValueError(f"head_init_samples: must be >= 0, got {self.head_init_samples!r}")
         for name in ("micro_batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")

@@ -419,6 +419,55 @@ class Trainer:
             bar.close()
         return len(todo), self.cache.stats.misses - before
 
+    @torch.no_grad()
+    def standardise_head_input(self, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data-dependent initialisation of the LISA head (``text_hidden_fcs``), its layout unchanged.
+
+        The LM's hidden states at the positions that predict [SEG]/[REJ] share a large common component
+        (different questions give cosine similarities of 0.92-0.98 with SmolLM2), so a randomly
+        initialised head maps them to almost the same SAM prompt and the mask decoder learns to ignore
+        it. The first linear layer W x + b is rewritten as W ((x - mu) / sigma) + b, with mu and sigma
+        the per-feature mean and standard deviation of those hidden states over ``n_samples`` training
+        samples (fixed draws, the same on every process): the head starts on standardised inputs.
+        Returns (mu, sigma).
+        """
+        m = self.model
+        draws = SampleStream(len(self.dataset), self.recipe.train.seed + 1, 1)
+        per_batch = self.recipe.train.micro_batch_size
+        states: list[torch.Tensor] = []
+        was_training = m.training
+        m.eval()
+        try:
+            for start in range(0, n_samples, per_batch):
+                pairs = [draws.batch(k)[0] for k in range(start, min(start + per_batch, n_samples))]
+                batch = self.collate([_get_sample(self.dataset, i, e) for i, e in pairs])
+                frozen = self._frozen_features(batch)
+                images = (
+                    None if frozen is None else image_features(m, frozen, batch.resized_hw, batch.original_hw)
+                )
+                out = m(
+                    batch,
+                    images=images,
+                    decode_masks=False,
+                    logits_at=torch.zeros_like(batch.input_ids, dtype=torch.bool),
+                )
+                states += [out.hidden_states[i, pos - 1] for i, pos in enumerate(out.slot_positions)]
+        finally:
+            m.train(was_training)
+            set_frozen_eval(m)
+        hidden = torch.cat(states).float()
+        if hidden.shape[0] < 2:
+            raise ValueError(
+                f"head_init_samples: {n_samples} samples gave {hidden.shape[0]} slot states; need >= 2"
+            )
+        mu = hidden.mean(0)
+        sigma = hidden.std(0)
+        sigma = sigma.clamp_min(1e-3 * float(sigma.mean()) + 1e-12)
+        first = m.text_hidden_fcs[0]
+        first.weight.data.div_(sigma.to(first.weight.dtype))
+        first.bias.data.sub_(first.weight.data @ mu.to(first.weight.dtype))
+        return mu, sigma
+
     def _loader(self, stream: SampleStream, start: int, end: int) -> torch.utils.data.DataLoader:
         ds = _MicroBatches(self.dataset, stream, self.collate, self.rank, self.world_size)
         workers = self.recipe.data.num_workers
@@ -481,6 +530,8 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(r.to_yaml())
+        if resumed is None and step == 0 and t.head_init_samples > 0:
+            self.standardise_head_input(t.head_init_samples)
         objective = LisaObjective(self.model, self.loss_weights, mask_loss_on_rej=r.loss.mask_loss_on_rej)
         objective, optimizer = acc.prepare(objective, self.optimizer)
         pending = getattr(self, "_pending_engine_state", None)

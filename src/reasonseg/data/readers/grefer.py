@@ -64,6 +64,8 @@ class GRefCocoReader(Reader):
     """gRefCOCO reader -> ``kind="gres"`` samples.
 
     In train mode the index runs over refs (a random sentence each); in eval mode over every sentence.
+    ``fixed_answer``: single-expression answers use the first template ("It is [SEG]." / "It is
+    [REJ]."), not a random one.
     """
 
     source = "grefcoco"
@@ -77,6 +79,7 @@ class GRefCocoReader(Reader):
         refs_file: str = "grefs(unc).json",
         per_instance: bool = True,
         explanatory_rate: float = 0.1,
+        fixed_answer: bool = False,
         expressions_per_sample: int = 1,
         mode: ReadMode = "train",
         seed: int = 0,
@@ -90,6 +93,7 @@ class GRefCocoReader(Reader):
         if not 0.0 <= explanatory_rate <= 1.0:
             raise ValueError(f"explanatory_rate must be in [0, 1], got {explanatory_rate}")
         self.explanatory_rate = explanatory_rate
+        self.fixed_answer = fixed_answer
         if expressions_per_sample < 1:
             raise ValueError(f"expressions_per_sample must be >= 1, got {expressions_per_sample}")
         self.expressions_per_sample = expressions_per_sample
@@ -195,7 +199,12 @@ class GRefCocoReader(Reader):
         if not (isinstance(explanation, str) and rng is not None and rng.random() < self.explanatory_rate):
             explanation = None
         turns = templates.seg_turns(
-            text, kinds, is_sentence=is_sentence(text), explanation=explanation, rng=rng
+            text,
+            kinds,
+            is_sentence=is_sentence(text),
+            explanation=explanation,
+            rng=rng,
+            fixed_answer=self.fixed_answer,
         )
         if self.expressions_per_sample > 1 and rng is not None and not is_sentence(text):
             return self._grouped(ri, text, stack, kinds, path, im, rng)

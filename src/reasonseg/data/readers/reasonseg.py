@@ -56,6 +56,7 @@ class ReasonSegReader(Reader):
         split: "train", "val" or "test".
         explanatory_rate: in train mode, the chance that an image with an explanation in
             ``explanatory/<split>.json`` is asked "... and explain why" (LISA uses 0.1).
+        fixed_answer: answer with the first template ("It is [SEG].") instead of a random one.
     """
 
     source = "reason_seg"
@@ -66,6 +67,7 @@ class ReasonSegReader(Reader):
         split: str = "train",
         *,
         explanatory_rate: float = 0.1,
+        fixed_answer: bool = False,
         mode: ReadMode = "train",
         seed: int = 0,
         skip_malformed: bool = False,
@@ -76,6 +78,7 @@ class ReasonSegReader(Reader):
         self.root = Path(root)
         self.split = split
         self.explanatory_rate = explanatory_rate
+        self.fixed_answer = fixed_answer
         folder = self.root / split
         if not folder.is_dir():
             raise DataError(folder, f"ReasonSeg split folder '{split}' is missing")
@@ -117,7 +120,14 @@ class ReasonSegReader(Reader):
         if exp is not None and rng is not None and rng.random() < self.explanatory_rate:
             text, explanation = exp
             is_sentence = True
-        turns = templates.seg_turns(text, ["seg"], is_sentence=is_sentence, explanation=explanation, rng=rng)
+        turns = templates.seg_turns(
+            text,
+            ["seg"],
+            is_sentence=is_sentence,
+            explanation=explanation,
+            rng=rng,
+            fixed_answer=self.fixed_answer,
+        )
         ignore = label_map == 255
         return Sample(
             image=ip,
