@@ -131,6 +131,35 @@ def merged_items(items: Sequence[EvalItem]) -> tuple[list[EvalItem], dict[str, C
     return out, loaders
 
 
+def query_sensitivity(records: Sequence[dict[str, Any]]) -> dict[str, float | int]:
+    """Does the model read the question? Over every pair of queries asked about the same image, the
+    mean IoU of the two predicted masks (1.0: it returns the same mask whatever is asked; pairs where
+    both are empty count 1.0), next to the same figure for the ground truth (how different the
+    answers should be)."""
+    from reasonseg.evaluation.runner import decode_rle
+
+    by_image: dict[str, list[tuple[np.ndarray, float]]] = {}
+    for r in records:
+        t = r["targets"][0]
+        pred = decode_rle(t["pred_rle"]).astype(bool) if t.get("pred_rle") else None
+        by_image.setdefault(r["image_id"], []).append((pred, float(t["gt_area"])))
+    pair_ious: list[float] = []
+    for preds in by_image.values():
+        masks = [m for m, _ in preds]
+        for i in range(len(masks)):
+            for j in range(i + 1, len(masks)):
+                a, b = masks[i], masks[j]
+                if a is None or b is None:
+                    pair_ious.append(1.0 if a is None and b is None else 0.0)
+                    continue
+                union = float((a | b).sum())
+                pair_ious.append(float((a & b).sum()) / union if union else 1.0)
+    return {
+        "pairs": len(pair_ious),
+        "mean_pred_pair_iou": round(float(np.mean(pair_ious)), 4) if pair_ious else float("nan"),
+    }
+
+
 def write_montage(
     records: Sequence[dict[str, Any]], items: Sequence[EvalItem], path: Path, n: int = 8
 ) -> Path:
@@ -234,8 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds_total": round(time.perf_counter() - t0, 1),
         "model_s": round(result.seconds, 1),
     }
+    result.summary["query_sensitivity"] = query_sensitivity(result.records)
     paths = write_reports(result, scored, args.out, worst_k=args.worst_k)
     print(paths["summary_md"].read_text(), end="")
+    qs = result.summary["query_sensitivity"]
+    print(
+        f"same-image query pairs: {qs['pairs']}, mean IoU between their predicted masks "
+        f"{qs['mean_pred_pair_iou']} (1.0 = the same mask whatever is asked)"
+    )
     if args.montage is not None:
         print(f"montage: {write_montage(result.records, scored, args.montage)}", file=sys.stderr)
     print(f"reports in {args.out}", file=sys.stderr)
