@@ -129,3 +129,31 @@ def test_head_input_standardisation_rewrites_the_first_layer_exactly(tmp_path: P
     assert calls == [4]
     with pytest.raises(ValueError, match="head_init_samples"):
         recipe_from_dict({"train": {"head_init_samples": -1}})
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_prefill_cache_shards_encode_each_distinct_image_once(tmp_path: Path) -> None:
+    from reasonseg.training.recipe import recipe_from_dict
+    from reasonseg.training.trainer import Trainer, build_model
+    from train_support import collator_for, make_samples
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"preset": "lisa-mobile", "tiny": True},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "progress_bar": False,
+                "num_threads": 1,
+                "encoder_cache": str(tmp_path / "cache"),
+            },
+        }
+    )
+    model = build_model(recipe.model)
+    samples = make_samples(3)
+    samples.append(samples[0])  # the same image twice: encoded once
+    trainer = Trainer(recipe, model=model, dataset=samples, collate=collator_for(model))
+    got = [trainer.prefill_cache((i, 2), progress=False) for i in range(2)]
+    assert got == [(2, 2), (1, 1)]
+    assert trainer.prefill_cache((0, 1), progress=False) == (3, 0)  # everything cached now
+    with pytest.raises(ValueError, match="shard"):
+        trainer.prefill_cache((2, 2))

@@ -343,6 +343,7 @@ class Trainer:
             train_new_token_rows=fr.train_new_token_rows,
         )
         set_frozen_eval(self.model)
+        self._dataset_given = dataset is not None
         self.dataset = build_dataset(recipe.data, t.seed) if dataset is None else dataset
         self.collate = build_collator(self.model, recipe.data.collate) if collate is None else collate
         self.loss_weights = recipe.loss.weights()
@@ -384,7 +385,8 @@ class Trainer:
 
         ``shard=(i, n)`` encodes only the i-th of n interleaved parts, so n processes (one thread each on
         a small CPU) can fill one cache together; the cache's atomic writes make that safe. Every
-        dataset of the recipe is walked whole (not the mixture's random draws). Returns (images seen in
+        dataset of the recipe (or the dataset given to the trainer) is walked whole, not the mixture's
+        random draws. Returns (images seen in
         this shard, images encoded now); the difference were already cached.
         """
         if self.cache is None:
@@ -394,8 +396,12 @@ class Trainer:
             raise ValueError(f"prefill_cache: shard must be i/n with 0 <= i < n, got {i}/{n}")
         seen: set[str] = set()
         todo: list[Any] = []
-        for spec in self.recipe.data.datasets:
-            ds = _build_one(spec, self.recipe.train.seed)
+        sources = (
+            [self.dataset]
+            if self._dataset_given
+            else [_build_one(spec, self.recipe.train.seed) for spec in self.recipe.data.datasets]
+        )
+        for ds in sources:
             for k in range(len(ds)):
                 sample = _get_sample(ds, k, 0)
                 # datasets built from one folder (synth's two parts) name the same file differently
