@@ -92,6 +92,36 @@ def test_history_is_kept_across_turns(predictor: ReasonSegPredictor) -> None:
         predictor.predict("x", history=second.history[:-1])
 
 
+def test_a_next_turn_reuses_the_last_conversation_cache(predictor: ReasonSegPredictor) -> None:
+    plain = ReasonSegPredictor(predictor.model, max_new_tokens=24, cache_prefix=False, draft_answers=False)
+    plain.set_image(_image())
+    predictor.set_image(_image())
+    fed: list[int] = []
+    orig = predictor.model.mllm.run_decoder
+
+    def counting(embeds, *args, **kwargs):
+        fed.append(int(embeds.shape[1]))
+        return orig(embeds, *args, **kwargs)
+
+    predictor.model.mllm.run_decoder = counting  # type: ignore[method-assign]
+    try:
+        first = predictor.predict("Segment the cat.")
+        ids_first = predictor._conversation[1]  # type: ignore[index]
+        fed.clear()
+        second = predictor.predict("And the dog?", history=first.history)
+    finally:
+        del predictor.model.mllm.run_decoder
+    # Only the new turn (and the answer) ran through the LM; the earlier turns came from the cache.
+    new_turn = len(predictor._prompt("And the dog?", first.history)[1]) - len(ids_first)  # type: ignore[arg-type]
+    assert 0 < fed[0] - new_turn <= predictor.max_new_tokens  # the new turn plus a drafted answer
+    ref_first = plain.predict("Segment the cat.")
+    ref_second = plain.predict("And the dog?", history=ref_first.history)
+    assert (first.text, second.text) == (ref_first.text, ref_second.text)
+    np.testing.assert_array_equal(second.masks, ref_second.masks)
+    predictor.set_image(_image())
+    assert predictor._conversation is None  # a new image starts a new conversation
+
+
 def test_predict_without_an_image_is_an_error() -> None:
     pred = ReasonSegPredictor(tiny_model("lisa-mobile"))
     with pytest.raises(RuntimeError, match="set_image"):

@@ -2,7 +2,8 @@
 
 The per-image state lives here, not in the model: ``set_image`` runs the image encoder once and keeps
 the SAM embedding and the LM image tokens; the keys/values of the prompt prefix that ends with the
-image tokens are cached too, so a follow-up question only runs the LM over its own new tokens.
+image tokens are cached too, so a follow-up question only runs the LM over its own new tokens, and so
+are those of the last conversation, so a next turn (``history=previous.history``) only runs its own.
 
     >>> predictor = ReasonSegPredictor(LisaModel.from_preset("lisa-mobile"))      # doctest: +SKIP
     >>> predictor.set_image("kitchen.jpg")                                         # doctest: +SKIP
@@ -144,9 +145,9 @@ class ReasonSegPredictor:
         self._image_hw: tuple[int, int] | None = None
         self._prefix: tuple[torch.Tensor, Any, int] | None = None
         self.draft_answers = draft_answers
-        self._text_head: tuple[torch.Tensor, Any, int] | None = (
-            None  # keys/values of the text before the image
-        )
+        # keys/values of the text before the image (once per predictor)
+        self._text_head: tuple[torch.Tensor, Any, int] | None = None
+        self._conversation: tuple[Any, torch.Tensor] | None = None  # the last answer's keys/values, ids
         self._recent: list[list[int]] = []  # token ids of the latest distinct answers, newest first
 
     # ------------------------------------------------------------------------------------------- image
@@ -163,6 +164,7 @@ class ReasonSegPredictor:
         )
         self._image_hw = prepared.original_hw
         self._prefix = None
+        self._conversation = None
 
     @property
     def has_image(self) -> bool:
@@ -173,6 +175,7 @@ class ReasonSegPredictor:
         self._features = None
         self._image_hw = None
         self._prefix = None
+        self._conversation = None
 
     # ------------------------------------------------------------------------------------------ predict
 
@@ -195,6 +198,10 @@ class ReasonSegPredictor:
         them when it is the template's image-end token); computed on first use."""
         if not self.cache_prefix:
             return None
+        conv = self._conversation
+        if conv is not None and len(ids) > len(conv[1]) and torch.equal(ids[: len(conv[1])], conv[1]):
+            # A next turn of the last conversation: its keys/values already hold every earlier turn.
+            return conv[0], len(conv[1])
         image_pos = (ids == self.model.image_token_id).nonzero().flatten()
         end = int(image_pos[-1]) + 1
         tpl = self.model.template
@@ -257,6 +264,8 @@ class ReasonSegPredictor:
         )
         assert out.masks is not None
         self._remember(out.sequences)
+        if self.cache_prefix and out.cache is not None:
+            self._conversation = out.cache
         return self._prediction(out.texts[0], out.masks[0], turns, return_logits)
 
     @torch.inference_mode()

@@ -638,7 +638,11 @@ class LisaModel(nn.Module):
             seg_embeddings = [m.embeddings for m in masks]
         else:
             seg_embeddings = [self.text_hidden_fcs(h) for h in stacked]
-        return GenerateOutput(sequences, texts, seg_embeddings, kinds, masks)
+        conversation = None
+        if use_cache and b == 1:
+            fed = int(cache.get_seq_length()) - t  # answer tokens in the cache: a prefix of the answer
+            conversation = (cache, torch.cat([ids[0, :t].cpu(), sequences[0][:fed]]))
+        return GenerateOutput(sequences, texts, seg_embeddings, kinds, masks, conversation)
 
     def answer_drafts(self, answers: Sequence[str] = ()) -> list[list[int]]:
         """Token sequences for :meth:`generate`'s ``drafts``: ``answers`` (e.g. this session's earlier

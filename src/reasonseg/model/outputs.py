@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -100,6 +100,10 @@ class GenerateOutput:
         kinds: per sample, ``"seg"``/``"rej"`` for each generated slot, in order.
         masks: per sample, a :class:`MaskPrediction` (decoded for every slot; [REJ] slots are reported as
             absent by the predictor) or None when no image was given.
+        cache: for a single prompt decoded with the KV cache, ``(cache, ids)``: the keys/values of the
+            whole conversation so far and its token ids [L] (prompt + answer, up to the last token fed
+            to the LM), reusable as ``generate(prefix_cache=(cache, L))`` by a next turn that starts
+            with ``ids``; else None.
     """
 
     sequences: list[torch.Tensor]
@@ -107,3 +111,4 @@ class GenerateOutput:
     seg_embeddings: list[torch.Tensor]
     kinds: list[list[TargetKind]]
     masks: list[MaskPrediction] | None
+    cache: tuple[Any, torch.Tensor] | None = None
