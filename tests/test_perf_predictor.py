@@ -59,7 +59,7 @@ def test_batched_generate_on_a_shared_prefix_equals_each_prompt_alone(model: Lis
 
 
 def test_predict_batch_computes_the_image_prefix_once_and_never_re_feeds_it(model: LisaModel) -> None:
-    pred = _predictor(model)
+    pred = _predictor(model, draft_answers=False)  # token by token: every later LM call is one token
     calls: list[int] = []
     lengths: list[int] = []
     real_prefix, real_run = model.prefix_cache, model.mllm.run_decoder
@@ -79,14 +79,16 @@ def test_predict_batch_computes_the_image_prefix_once_and_never_re_feeds_it(mode
         pred.predict_batch(QUESTIONS[:2])
     finally:
         del model.prefix_cache, model.mllm.run_decoder
-    assert len(calls) == 1
+    assert len(calls) == 2  # the text before the image, then the image tokens on a copy of it
     assert pred._prefix is not None
     plen = pred._prefix[2]
-    # The prefix once, then the batch's prefill covers the prompts' rests only (no image tokens).
-    assert first_lengths[0] == plen
-    assert first_lengths[1] == max(len(prompt_ids(model, q)) for q in QUESTIONS) - plen
-    assert max(first_lengths[2:]) == 1
-    assert plen not in lengths[len(first_lengths) :]  # the second batch reuses the prefix
+    head = int((prompt_ids(model, QUESTIONS[0]) == model.image_token_id).nonzero()[0])
+    # The prefix once (in two parts), then the batch's prefill covers the prompts' rests only.
+    assert first_lengths[:2] == [head, plen - head]
+    assert first_lengths[2] == max(len(prompt_ids(model, q)) for q in QUESTIONS) - plen
+    assert max(first_lengths[3:]) == 1
+    # The second batch reuses the prefix: its first LM call is already the prompts' rests.
+    assert lengths[len(first_lengths)] == max(len(prompt_ids(model, q)) for q in QUESTIONS[:2]) - plen
     singles = [_predictor(model, cache_prefix=False).predict(q) for q in QUESTIONS]
     for b, s in zip(batch, singles, strict=True):
         assert b.text == s.text and np.array_equal(b.masks, s.masks)

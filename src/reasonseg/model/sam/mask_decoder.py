@@ -131,9 +131,12 @@ class MaskDecoder(nn.Module):
         # The image + dense prompt sum written straight in token layout [N, h*w, C] (one pass; the
         # transformer would otherwise copy the NCHW sum into that layout), and the positional
         # encoding's token layout kept for as long as the same encoding is passed in.
-        src = torch.empty(b, h * w, c, dtype=image.dtype, device=image.device)
         dense = torch.broadcast_to(dense_prompt_embeddings, (b, c, h, w))
-        torch.add(image.flatten(2).transpose(1, 2), dense.flatten(2).transpose(1, 2), out=src)
+        if torch.is_grad_enabled() and (image.requires_grad or dense.requires_grad):
+            src = (image + dense).flatten(2).transpose(1, 2).contiguous()  # out= cannot be differentiated
+        else:
+            src = torch.empty(b, h * w, c, dtype=image.dtype, device=image.device)
+            torch.add(image.flatten(2).transpose(1, 2), dense.flatten(2).transpose(1, 2), out=src)
         hs, src = self.transformer.forward_tokens(src, self._pe_tokens(image_pe), tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # [N, K, C]
