@@ -8,7 +8,7 @@
   cosine similarities and the spread (mean distance to the centroid / centroid norm) of both. Nearly
   parallel prompts mean the mask decoder is told nearly the same thing for every question.
 * ``overfit``: a capacity check. ``recipes/lisa-mobile-synth-stage1.yaml`` (frozen LM; head and mask
-  decoder trained) on 6 training samples, 2-3 questions about each of 3 images with different targets,
+  decoder trained) on 6 training samples, 2 questions about each of 3 images with different targets,
   for ``--steps`` steps; printed: per-sample mask IoU after training. High IoUs that differ per question
   show the head + decoder path can learn question-dependent masks (no wiring bug): the built-in model's
   query blindness is a matter of training data and steps, not of the pipeline.
@@ -101,9 +101,12 @@ def overfit(steps: int, threads: int) -> None:
         s = reader.get(k)
         if s is None or s.target_kinds != ["seg"] or not s.masks.any():
             continue
-        by_image.setdefault(s.image_id, {}).setdefault(s.masks.tobytes(), s)  # distinct targets only
-        if len(by_image[s.image_id]) == 2:
-            chosen += list(by_image[s.image_id].values())
+        targets = by_image.setdefault(s.image_id, {})
+        if len(targets) >= 2 or s.masks.tobytes() in targets:
+            continue  # two questions with different targets per image
+        targets[s.masks.tobytes()] = s
+        if len(targets) == 2:
+            chosen += list(targets.values())
         if len(chosen) >= 6:
             break
     trainer = Trainer(recipe, dataset=chosen)
