@@ -102,14 +102,19 @@ def test_placeholder_count_mismatch_is_a_clear_error() -> None:
         model(input_ids=short, images=feats)
 
 
-def test_mask_embedding_is_taken_one_position_before_each_slot(trained) -> None:
-    model, feats = trained
-    enc = encode_conversation(
+def _scripted_conversation(model: LisaModel):  # type: ignore[no-untyped-def]
+    """The trained answer as a teacher-forced conversation (three slots: seg, rej, seg)."""
+    return encode_conversation(
         model.tokenizer,
         model.config.template,
-        [Turn("user", "Find them."), Turn("assistant", "Sure, a:[SEG], b:[REJ], c:[SEG].")],
+        [Turn("user", "Find them."), Turn("assistant", SCRIPTED_ANSWER)],
         model.num_image_tokens,
     )
+
+
+def test_mask_embedding_is_taken_one_position_before_each_slot(trained) -> None:
+    model, feats = trained
+    enc = _scripted_conversation(model)
     out = model(input_ids=enc.input_ids[None], images=feats.select([0]))
     pos = out.slot_positions[0]
     assert [model.tokenizer.convert_ids_to_tokens(int(enc.input_ids[p])) for p in pos] == [
@@ -134,12 +139,7 @@ def test_mask_embedding_is_taken_one_position_before_each_slot(trained) -> None:
 
 def test_logits_at_selected_positions_match_the_full_head(trained) -> None:
     model, feats = trained
-    enc = encode_conversation(
-        model.tokenizer,
-        model.config.template,
-        [Turn("user", "Find them."), Turn("assistant", "Sure, a:[SEG], b:[REJ], c:[SEG].")],
-        model.num_image_tokens,
-    )
+    enc = _scripted_conversation(model)
     ids = enc.input_ids[None]
     full = model(input_ids=ids, images=feats.select([0]))
     at = torch.zeros_like(ids, dtype=torch.bool)

@@ -66,27 +66,27 @@ def fresh_accelerator_state() -> Iterator[None]:
     AcceleratorState._reset_state()
 
 
+def _tiny_recipe(out: Path, total_steps: int = 1, **train: object):  # type: ignore[no-untyped-def]
+    """A recipe for the tiny lisa-mobile on one thread, no progress bar; ``train`` adds train fields."""
+    from reasonseg.training.recipe import recipe_from_dict
+
+    fields = {"output_dir": str(out), "progress_bar": False, "num_threads": 1, **train}
+    return recipe_from_dict(
+        {
+            "model": {"preset": "lisa-mobile", "tiny": True},
+            "optim": {"lr": 1e-3, "warmup_steps": 0, "total_steps": total_steps},
+            "train": fields,
+        }
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_bf16_mixed_precision_steps_run_on_cpu(tmp_path: Path) -> None:
-    from reasonseg.training.recipe import recipe_from_dict
     from reasonseg.training.trainer import Trainer, build_model
     from train_support import collator_for, make_samples
 
-    recipe = recipe_from_dict(
-        {
-            "model": {"preset": "lisa-mobile", "tiny": True},
-            "optim": {"lr": 1e-3, "warmup_steps": 0, "total_steps": 2},
-            "train": {
-                "output_dir": str(tmp_path),
-                "micro_batch_size": 2,
-                "grad_accum": 2,
-                "mixed_precision": "bf16",
-                "progress_bar": False,
-                "num_threads": 1,
-            },
-        }
-    )
+    recipe = _tiny_recipe(tmp_path, total_steps=2, micro_batch_size=2, grad_accum=2, mixed_precision="bf16")
     model = build_model(recipe.model)
     trainer = Trainer(recipe, model=model, dataset=make_samples(4), collate=collator_for(model))
     result = trainer.fit()
@@ -100,19 +100,7 @@ def test_head_input_standardisation_rewrites_the_first_layer_exactly(tmp_path: P
     from reasonseg.training.trainer import Trainer, build_model
     from train_support import collator_for, make_samples
 
-    recipe = recipe_from_dict(
-        {
-            "model": {"preset": "lisa-mobile", "tiny": True},
-            "optim": {"lr": 1e-3, "warmup_steps": 0, "total_steps": 1},
-            "train": {
-                "output_dir": str(tmp_path),
-                "micro_batch_size": 2,
-                "progress_bar": False,
-                "num_threads": 1,
-                "head_init_samples": 4,
-            },
-        }
-    )
+    recipe = _tiny_recipe(tmp_path, total_steps=1, micro_batch_size=2, head_init_samples=4)
     model = build_model(recipe.model)
     trainer = Trainer(recipe, model=model, dataset=make_samples(4), collate=collator_for(model))
     first = model.text_hidden_fcs[0]
@@ -133,21 +121,10 @@ def test_head_input_standardisation_rewrites_the_first_layer_exactly(tmp_path: P
 
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_prefill_cache_shards_encode_each_distinct_image_once(tmp_path: Path) -> None:
-    from reasonseg.training.recipe import recipe_from_dict
     from reasonseg.training.trainer import Trainer, build_model
     from train_support import collator_for, make_samples
 
-    recipe = recipe_from_dict(
-        {
-            "model": {"preset": "lisa-mobile", "tiny": True},
-            "train": {
-                "output_dir": str(tmp_path / "run"),
-                "progress_bar": False,
-                "num_threads": 1,
-                "encoder_cache": str(tmp_path / "cache"),
-            },
-        }
-    )
+    recipe = _tiny_recipe(tmp_path / "run", encoder_cache=str(tmp_path / "cache"))
     model = build_model(recipe.model)
     samples = make_samples(3)
     samples.append(samples[0])  # the same image twice: encoded once
