@@ -215,10 +215,14 @@ def main() -> None:
         "4 questions, one predict_batch": batched,
     }
     if args.int8:
-        # The same model (base weights, new token rows, random head and projector), its LM quantised.
-        qmodel = LisaModel.from_preset("lisa-mobile", quantization="cpu-int8")
-        qmodel.text_hidden_fcs.load_state_dict(model.text_hidden_fcs.state_dict())
-        qmodel.mllm.projector.load_state_dict(model.mllm.projector.state_dict())
+        # The same model, its LM quantised (for the preset: base weights, new token rows, and the
+        # random head and projector copied over).
+        if source == "preset":
+            qmodel = LisaModel.from_preset("lisa-mobile", quantization="cpu-int8")
+            qmodel.text_hidden_fcs.load_state_dict(model.text_hidden_fcs.state_dict())
+            qmodel.mllm.projector.load_state_dict(model.mllm.projector.state_dict())
+        else:
+            qmodel = LisaModel.from_pretrained(source, quantization="cpu-int8")
         qpred = ReasonSegPredictor(qmodel, max_new_tokens=args.answer_tokens)
         qpred.set_image(image)
         q_cache, _ = qmodel.prefix_cache(ids, qpred._features)  # the whole prompt, like step_cache

@@ -222,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("runs/eval-encoder-cache"))
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--quantization", default=None, choices=("cpu-int8",), help="evaluate with the LM quantised (CPU)"
+    )
     p.add_argument("--worst-k", type=int, default=8)
     p.add_argument("--montage", type=Path, default=None, help="also write a PNG of 8 samples here")
     p.add_argument(
@@ -245,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scored, loaders = merged_items(items)
     t0 = time.perf_counter()
     model = load_model(args.model)
+    if args.quantization:
+        model.apply_memory_options(quantization=args.quantization)
     inner = LisaSegmenter(
         model, name=str(args.model), cache_dir=args.cache_dir, max_new_tokens=args.max_new_tokens
     )
@@ -256,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sentences": "all" if args.all_sentences else "first",
         "limit": args.limit,
         "replace_query": args.replace_query,
+        "quantization": args.quantization,
     }
     config = RunConfig(out_dir=args.out, mode=args.mode, batch_size=args.batch_size)
     result = run_evaluation(segmenter, scored, GSVA_RULES, config, groups=GROUPS, manifest=manifest)
