@@ -386,8 +386,7 @@ class Trainer:
         ``shard=(i, n)`` encodes only the i-th of n interleaved parts, so n processes (one thread each on
         a small CPU) can fill one cache together; the cache's atomic writes make that safe. Every
         dataset of the recipe (or the dataset given to the trainer) is walked whole, not the mixture's
-        random draws. Returns (images seen in
-        this shard, images encoded now); the difference were already cached.
+        random draws. Returns (images in this shard, images encoded now); the rest were cached already.
         """
         if self.cache is None:
             raise ValueError("prefill_cache: the recipe sets no train.encoder_cache")
