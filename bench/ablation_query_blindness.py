@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ablation_query_blindness.py spread --model models/lisa-mobile-synth
     .venv/bin/python bench/ablation_query_blindness.py overfit --steps 60
+    .venv/bin/python bench/ablation_query_blindness.py frozen-head --steps 120
 
 * ``spread``: for 8 different questions (no image: zero image tokens), the LM hidden state at the
   position that predicts ``[SEG]`` and the SAM prompt the LISA head makes of it. Printed: the pairwise
@@ -12,6 +13,10 @@
   for ``--steps`` steps; printed: per-sample mask IoU after training. High IoUs that differ per question
   show the head + decoder path can learn question-dependent masks (no wiring bug): the built-in model's
   query blindness is a matter of training data and steps, not of the pipeline.
+* ``frozen-head``: stage 1 for ``--steps`` steps with the LISA head frozen at its standardised
+  initialisation (``freeze.train_head: false``), saved whole to ``--out`` for
+  ``bench/eval_synth_queries.py``: does a decoder that cannot be given one prompt for every question
+  learn to read the question?
 """
 
 from __future__ import annotations
@@ -126,6 +131,31 @@ def overfit(steps: int, threads: int) -> None:
         print(f"{s.image_id:14s} IoU {iou:.3f}  {q[:70]}")
 
 
+def frozen_head(steps: int, threads: int, out: str) -> None:
+    """Stage 1 with the LISA head frozen at its standardised initialisation: the prompts keep the
+    hidden states' spread, so the decoder cannot be handed one prompt for every question."""
+    from reasonseg.training.recipe import load_recipe
+    from reasonseg.training.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    recipe = load_recipe(
+        "recipes/lisa-mobile-synth-stage1.yaml",
+        [
+            "train.output_dir=runs/ablation-frozen-head",
+            "freeze.train_head=false",
+            f"optim.total_steps={steps}",
+            f"train.checkpoint_every={steps}",
+            f"train.num_threads={threads}",
+        ],
+    )
+    trainer = Trainer(recipe)
+    result = trainer.fit()
+    print("loss every 20 steps:", [round(h.loss, 3) for h in result.history[::20]])
+    # The frozen head's standardised weights are not in the checkpoint (it holds trained tensors
+    # only), so the model is saved whole; there is no LoRA to merge in this stage.
+    print(trainer.model.eval().save_pretrained(out))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -135,11 +165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     o = sub.add_parser("overfit")
     o.add_argument("--steps", type=int, default=60)
     o.add_argument("--threads", type=int, default=1)
+    f = sub.add_parser("frozen-head")
+    f.add_argument("--steps", type=int, default=120)
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--out", default="runs/ablation-frozen-head/model")
     args = p.parse_args(argv)
     if args.cmd == "spread":
         spread(args.model, args.answer)
-    else:
+    elif args.cmd == "overfit":
         overfit(args.steps, args.threads)
+    else:
+        frozen_head(args.steps, args.threads, args.out)
     return 0
 
 

@@ -60,6 +60,15 @@ def test_encoders_frozen_and_heads_trained(model: nn.Module) -> None:
     assert not _trainable(model.mllm.projector)
 
 
+def test_the_head_can_be_kept_frozen() -> None:
+    from reasonseg.model import LisaModel
+
+    m = LisaModel.from_preset("lisa-mobile", tiny=True)
+    plan = apply_lisa_freeze_policy(m, LoraSettings(r=0), train_head=False)
+    assert not _trainable(m.text_hidden_fcs) and _trainable(m.sam.mask_decoder)
+    assert not any(n.startswith("text_hidden_fcs.") for n in plan.full)
+
+
 def test_lora_goes_only_on_the_lm_q_and_v(model: nn.Module) -> None:
     from peft.tuners.lora import LoraLayer
 

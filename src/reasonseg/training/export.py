@@ -65,6 +65,7 @@ def export_run(
         train_projector=fr.train_projector,
         train_mask_decoder=fr.train_mask_decoder,
         train_new_token_rows=fr.train_new_token_rows,
+        train_head=fr.train_head,
     )
     plan.load_state_dict(load_trainable(ckpt))
     for hook in plan.hooks:

@@ -353,14 +353,16 @@ def apply_lisa_freeze_policy(
     train_mask_decoder: bool = True,
     train_new_token_rows: bool = True,
     extra_tokens: Sequence[str] = (),
+    train_head: bool = True,
 ) -> TrainablePlan:
     """The whole LISA policy on a ``LisaModel``: freeze everything, inject LoRA into the LM, then mark
-    the trained parts. Returns the :class:`TrainablePlan` (the optimiser's parameters)."""
+    the trained parts. Returns the :class:`TrainablePlan` (the optimiser's parameters).
+    ``train_head=False`` keeps the LISA head (``text_hidden_fcs``) frozen too (an ablation)."""
     freeze_all(model)
     freeze_vision_tower(model.mllm)
     freeze_sam_encoders(model)
     apply_lora(model.mllm.lm, lora)
-    modules: list[nn.Module] = [model.text_hidden_fcs]
+    modules: list[nn.Module] = [model.text_hidden_fcs] if train_head else []
     if train_mask_decoder:
         modules.append(model.sam.mask_decoder)
     if train_projector:

@@ -148,6 +148,7 @@ class FreezeRecipe:
     train_projector: bool = False
     train_mask_decoder: bool = True
     train_new_token_rows: bool = True
+    train_head: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):

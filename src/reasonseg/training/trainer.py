@@ -341,6 +341,7 @@ class Trainer:
             train_projector=fr.train_projector,
             train_mask_decoder=fr.train_mask_decoder,
             train_new_token_rows=fr.train_new_token_rows,
+            train_head=fr.train_head,
         )
         set_frozen_eval(self.model)
         self._dataset_given = dataset is not None
