@@ -39,6 +39,7 @@ __all__ = [
     "import_mobilesam",
     "import_segment_anything",
     "install_stand_ins",
+    "remove_stand_ins",
 ]
 
 
@@ -120,11 +121,21 @@ def install_stand_ins() -> None:
         _install_timm()
 
 
+def remove_stand_ins() -> None:
+    """Take the stand-ins out of ``sys.modules`` again. The references bind what they need from them
+    at import time; left in place, a stand-in without a module spec breaks later
+    ``importlib.util.find_spec("torchvision")`` calls (transformers makes them)."""
+    for name in [n for n, m in sys.modules.items() if getattr(m, "__reasonseg_stand_in__", False)]:
+        del sys.modules[name]
+
+
 def import_segment_anything() -> types.ModuleType:
     """Meta's ``segment_anything`` package (oracle)."""
     install_stand_ins()
-    import segment_anything
-
+    try:
+        import segment_anything
+    finally:
+        remove_stand_ins()
     return segment_anything
 
 
@@ -134,8 +145,10 @@ def import_mobilesam(wheel_root: Path) -> types.ModuleType:
     root = str(wheel_root)
     if root not in sys.path:
         sys.path.insert(0, root)
-    import mobilesam
-
+    try:
+        import mobilesam
+    finally:
+        remove_stand_ins()
     return mobilesam
 
 

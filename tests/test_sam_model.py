@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 from pathlib import Path
 
@@ -172,6 +174,16 @@ def test_dense_pe_is_computed_once_and_follows_its_buffer(tiny_sam: Sam) -> None
         torch.testing.assert_close(changed, pe.pe_layer(pe.image_embedding_size).unsqueeze(0))
         pe.load_state_dict({k: v / 2 for k, v in state.items()})
     assert pe.get_dense_pe() is not pe.get_dense_pe()  # with autograd on: never shared
+    # The memos (prompt encoder, mask decoder) keep the modules picklable and copyable.
+    with torch.no_grad():
+        emb = torch.randn(1, tiny_sam.embed_dim, *pe.image_embedding_size)
+        prompt = torch.randn(1, 1, tiny_sam.embed_dim)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *pe.image_embedding_size)
+        before = tiny_sam.mask_decoder(emb, pe.get_dense_pe(), prompt, dense, False)[0]
+        clone = pickle.loads(pickle.dumps(tiny_sam))
+        again = clone.mask_decoder(emb, clone.prompt_encoder.get_dense_pe(), prompt, dense, False)[0]
+        torch.testing.assert_close(again, before)
+        copy.deepcopy(tiny_sam)
 
 
 def test_training_mode_backpropagates() -> None:

@@ -6,7 +6,6 @@ Parameter names match Meta's ``segment_anything``.
 from __future__ import annotations
 
 import itertools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -106,11 +105,11 @@ class MaskDecoder(nn.Module):
         if image_pe.shape[0] != 1:
             raise ValueError(f"MaskDecoder: image_pe must have batch 1, got {tuple(image_pe.shape)}")
         memo = self.__dict__.get("_pe_memo")
-        if memo is not None and memo[0]() is image_pe and memo[1] == tensor_version(image_pe):
+        if memo is not None and memo[0] is image_pe and memo[1] == tensor_version(image_pe):
             return memo[2]
         tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
         if not torch.is_grad_enabled():
-            self.__dict__["_pe_memo"] = (weakref.ref(image_pe), tensor_version(image_pe), tokens)
+            self.__dict__["_pe_memo"] = (image_pe, tensor_version(image_pe), tokens)
         return tokens
 
     def predict_masks(

@@ -7,7 +7,6 @@ Parameter names match Meta's ``segment_anything``.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -99,11 +98,11 @@ class PromptEncoder(nn.Module):
         buf = self.pe_layer.positional_encoding_gaussian_matrix
         key = (tensor_version(buf), tuple(self.image_embedding_size))
         memo = self.__dict__.get("_dense_pe")
-        if memo is not None and memo[0]() is buf and memo[1] == key and not torch.is_grad_enabled():
+        if memo is not None and memo[0] is buf and memo[1] == key and not torch.is_grad_enabled():
             return memo[2]
         pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
         if not torch.is_grad_enabled():
-            self.__dict__["_dense_pe"] = (weakref.ref(buf), key, pe)
+            self.__dict__["_dense_pe"] = (buf, key, pe)  # strong refs: the module stays picklable
         return pe
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
