@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 __all__ = [
@@ -105,11 +105,15 @@ class EncoderCache:
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         """The stored tensors of ``key`` (one image), or None on a miss or an unreadable file."""
         path = self._path(key)
-        if not path.is_file():
+        try:
+            # Read the bytes first: once open, the data stays readable even if another process
+            # replaces or removes the entry meanwhile (a vanished file is a plain miss).
+            data = path.read_bytes()
+        except OSError:
             return None
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError):
+            return load(data)
+        except (SafetensorError, ValueError, RuntimeError):
             path.unlink(missing_ok=True)  # damaged (e.g. a disk error): drop it and recompute
             return None
 
