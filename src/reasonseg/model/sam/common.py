@@ -5,11 +5,13 @@ Parameter names follow Meta's ``segment_anything`` so its checkpoints (and Mobil
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm2d", "MLPBlock", "attention", "fusable", "linear"]
+__all__ = ["LayerNorm2d", "MLPBlock", "attention", "fusable", "linear", "memoised", "tensor_version"]
 
 
 _MKLDNN_FUSION = (
@@ -39,6 +41,27 @@ def tensor_version(t: torch.Tensor) -> int:
     """``t._version`` (bumped by every in-place change), or -1 for an inference tensor, which keeps
     no counter (memoisation keyed on it then relies on the tensor's identity alone)."""
     return -1 if t.is_inference() else int(t._version)
+
+
+def memoised(
+    owner: nn.Module,
+    slot: str,
+    source: torch.Tensor,
+    compute: Callable[[], torch.Tensor],
+    extra: Hashable = None,
+) -> torch.Tensor:
+    """``compute()``, kept on ``owner`` under ``slot`` for as long as ``source`` is the same, unchanged
+    tensor (identity and :func:`tensor_version`) and ``extra`` is equal; with autograd on it is always
+    recomputed and never stored. The memo holds plain references, so the module stays picklable."""
+    key = (tensor_version(source), extra)
+    memo = owner.__dict__.get(slot)
+    grad = torch.is_grad_enabled()
+    if memo is not None and not grad and memo[0] is source and memo[1] == key:
+        return memo[2]
+    value = compute()
+    if not grad:
+        owner.__dict__[slot] = (source, key, value)
+    return value
 
 
 def linear(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasonseg.model.sam.common import LayerNorm2d, tensor_version
+from reasonseg.model.sam.common import LayerNorm2d, memoised
 from reasonseg.model.sam.transformer import TwoWayTransformer
 
 __all__ = ["MLP", "MaskDecoder"]
@@ -104,13 +104,7 @@ class MaskDecoder(nn.Module):
         prompt encoder's memoised ``get_dense_pe()``) while it is unchanged and autograd is off."""
         if image_pe.shape[0] != 1:
             raise ValueError(f"MaskDecoder: image_pe must have batch 1, got {tuple(image_pe.shape)}")
-        memo = self.__dict__.get("_pe_memo")
-        if memo is not None and memo[0] is image_pe and memo[1] == tensor_version(image_pe):
-            return memo[2]
-        tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
-        if not torch.is_grad_enabled():
-            self.__dict__["_pe_memo"] = (image_pe, tensor_version(image_pe), tokens)
-        return tokens
+        return memoised(self, "_pe_memo", image_pe, lambda: image_pe.flatten(2).transpose(1, 2).contiguous())
 
     def predict_masks(
         self,

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from reasonseg.model.sam.common import LayerNorm2d, tensor_version
+from reasonseg.model.sam.common import LayerNorm2d, memoised
 
 __all__ = ["PositionEmbeddingRandom", "PromptEncoder"]
 
@@ -95,15 +95,9 @@ class PromptEncoder(nn.Module):
         core, paid on every mask decode otherwise) and recomputed when the buffer changes (load,
         in-place edit, device or dtype move). Under autograd it is always recomputed.
         """
+        size = tuple(self.image_embedding_size)
         buf = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (tensor_version(buf), tuple(self.image_embedding_size))
-        memo = self.__dict__.get("_dense_pe")
-        if memo is not None and memo[0] is buf and memo[1] == key and not torch.is_grad_enabled():
-            return memo[2]
-        pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
-        if not torch.is_grad_enabled():
-            self.__dict__["_dense_pe"] = (buf, key, pe)  # strong refs: the module stays picklable
-        return pe
+        return memoised(self, "_dense_pe", buf, lambda: self.pe_layer(size).unsqueeze(0), extra=size)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """[B, N, 2] points, [B, N] labels (1 fg, 0 bg, -1 padding) -> [B, N (+1 if pad), C]."""
