@@ -79,7 +79,7 @@ def main() -> None:
 
     import skimage.data
 
-    from reasonseg.data.conversation import Turn, encode_conversation
+    from reasonseg.data.conversation import Turn
     from reasonseg.data.transforms import load_image
     from reasonseg.inference.predictor import ReasonSegPredictor
     from reasonseg.model import LisaModel
@@ -97,13 +97,7 @@ def main() -> None:
     prepared = pred.transform.prepare(load_image(image))
     pixels = prepared.pixels[None]
     feats = model.encode_images(pixels, [prepared.resized_hw], [prepared.original_hw])
-    ids = encode_conversation(
-        model.tokenizer,
-        model.config.template,
-        [Turn("user", QUESTION)],
-        model.num_image_tokens,
-        add_generation_prompt=True,
-    ).input_ids
+    _, ids = pred._prompt(QUESTION, None)  # the prompt exactly as predict() builds it
     pred.set_image(image)
     prefix_cache, plen = pred._prefix_for(ids)  # type: ignore[misc]
     prefix_ids = ids[:plen]
