@@ -246,7 +246,8 @@ def frozen_features(
 
 def image_features(model: Any, frozen: FrozenImageFeatures, resized_hw: Any, original_hw: Any) -> Any:
     """``model.encode_images``'s result from cached :class:`FrozenImageFeatures`: the (trained)
-    projector runs here, on the model's device."""
+    projector runs here, on the model's device. Returns ``ImageFeatures`` (SAM embeddings
+    [B,256,h,w], LM image tokens [B,N,H], B resized and B original sizes)."""
     from reasonseg.model.outputs import ImageFeatures
 
     tokens = model.mllm.projector(frozen.tower_features.to(model.device, model.dtype))  # [B,N,C] -> [B,N,H]

@@ -435,7 +435,7 @@ class Trainer:
         it. The first linear layer W x + b is rewritten as W ((x - mu) / sigma) + b, with mu and sigma
         the per-feature mean and standard deviation of those hidden states over ``n_samples`` training
         samples (fixed draws, the same on every process): the head starts on standardised inputs.
-        Returns (mu, sigma).
+        Returns (mu [H], sigma [H]).
         """
         m = self.model
         draws = SampleStream(len(self.dataset), self.recipe.train.seed + 1, 1)
