@@ -2,6 +2,7 @@
 this CPU, warm: weights already in the cache and loaded, kernels warmed by one untimed query.
 
     .venv/bin/python bench/bench_builtin_model.py [--image examples/synth_test_scene.jpg] [--repeats 5]
+        [--threads N] [--dtype auto|fp32|bf16]
 
 Rows (median of ``--repeats`` runs each, all in this run):
 
@@ -39,6 +40,12 @@ def main() -> None:
     ap.add_argument("--follow-up", default=FOLLOW_UP, help="the follow-up instruction")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="as the CLI's --dtype (default auto)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -47,7 +54,7 @@ def main() -> None:
     from reasonseg.serving.loading import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, progress=False)
+    loaded = load_model(args.model, progress=False, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     image = load_image(args.image)
     pred = ReasonSegPredictor(loaded.model)
@@ -86,7 +93,8 @@ def main() -> None:
 
     print(
         f"{loaded.name} ({loaded.source}) on {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {args.threads} threads; model load {load_s:.1f} s"
+        f"torch {torch.__version__}, {args.threads} threads, {loaded.dtype} (--dtype {args.dtype}); "
+        f"model load {load_s:.1f} s"
     )
     print(f"image {args.image} ({image.shape[1]}x{image.shape[0]}); median of {args.repeats}")
     print(f"first: {args.first!r} -> {answers[0]!r}")

@@ -1,7 +1,7 @@
 """lisa-mobile per stage on this CPU: where a first query and a cached follow-up spend their time.
 
     .venv/bin/python bench/bench_lisa_stages.py [--model builtin|preset|DIR] [--threads 1] [--repeats 5]
-        [--answer-tokens 8] [--int8] [--no-append]
+        [--answer-tokens 8] [--dtype auto|fp32|bf16] [--int8] [--no-append]
 
 Every stage is called on its own, all stages in turn inside one loop (``time_interleaved``), so that
 the load of other jobs on the shared cores hits them alike; the figures are medians.
@@ -72,6 +72,13 @@ def main() -> None:
     ap.add_argument(
         "--int8", action="store_true", help="also time the LM with quantization='cpu-int8' (opt-in option)"
     )
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="the model's precision (default auto, as the CLI: bf16 on a CPU with AMX/AVX-512 BF16); "
+        "when not fp32, fp32 reference rows are timed in the same loop",
+    )
     ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,6 +90,7 @@ def main() -> None:
     from reasonseg.data.transforms import load_image
     from reasonseg.inference.predictor import ReasonSegPredictor
     from reasonseg.model import LisaModel
+    from reasonseg.model.precision import dtype_name, resolve_dtype
     from reasonseg.serving.loading import BUILTIN_MODEL_DIR
 
     source = args.model
@@ -90,12 +98,16 @@ def main() -> None:
         source = str(BUILTIN_MODEL_DIR) if (BUILTIN_MODEL_DIR / "config.json").is_file() else "preset"
     model = LisaModel.from_preset("lisa-mobile") if source == "preset" else LisaModel.from_pretrained(source)
     model.eval()
+    fp32_model = copy.deepcopy(model) if resolve_dtype(args.dtype) != torch.float32 else None
+    model.apply_memory_options(dtype=resolve_dtype(args.dtype))
+    dtype = dtype_name(model.dtype)
     image = skimage.data.coffee()
     pred = ReasonSegPredictor(model, max_new_tokens=args.answer_tokens)
     plain = ReasonSegPredictor(model, max_new_tokens=args.answer_tokens, draft_answers=False)
     plain.set_image(image)
     prepared = pred.transform.prepare(load_image(image))
     pixels = prepared.pixels[None]
+    pixels = pixels.to(model.dtype)
     feats = model.encode_images(pixels, [prepared.resized_hw], [prepared.original_hw])
     _, ids = pred._prompt(QUESTION, None)  # the prompt exactly as predict() builds it
     pred.set_image(image)
@@ -109,7 +121,7 @@ def main() -> None:
     model.mllm.run_decoder(tail_embeds, mask_full, tail_pos, step_cache, True)
     step_len = len(ids)
     tok = torch.tensor([[model.seg_token_id]])
-    hidden = torch.randn(1, model.mllm.hidden_size)
+    hidden = torch.randn(1, model.mllm.hidden_size, dtype=model.dtype)
     low_res = model.decode_masks(
         hidden, feats.sam_embeddings, feats.resized_hw[0], feats.original_hw[0], ["seg"]
     )
@@ -208,6 +220,23 @@ def main() -> None:
         "4 questions, one predict each": singles,
         "4 questions, one predict_batch": batched,
     }
+    if fp32_model is not None:
+        ref_pred = ReasonSegPredictor(fp32_model, max_new_tokens=args.answer_tokens)
+        ref_pred.set_image(image)
+
+        def encoder_alone_fp32() -> None:
+            fp32_model.sam.image_encoder(pixels.float())
+
+        def first_query_fp32() -> None:
+            ref_pred.set_image(image)
+            ref_pred.predict(QUESTION)
+
+        def follow_up_fp32() -> None:
+            ref_pred.predict(QUESTION)
+
+        stages["image encoder alone, fp32"] = encoder_alone_fp32
+        stages["end-to-end first query, fp32"] = first_query_fp32
+        stages["end-to-end follow-up, fp32"] = follow_up_fp32
     if args.int8:
         # The same model, its LM quantised (for the preset: base weights, new token rows, and the
         # random head and projector copied over).
@@ -253,7 +282,7 @@ def main() -> None:
     table = format_table(["stage", "median ms", "x encoder"], rows)
     load_after = _load_average()
     notes = [
-        f"{args.threads} torch thread(s); median of {args.repeats} interleaved rounds after 1 warm-up; "
+        f"{dtype} model (--dtype {args.dtype}); {args.threads} torch thread(s); median of {args.repeats} interleaved rounds after 1 warm-up; "
         f"load average (1/5/15 min) before {load_before}, after {load_after}",
         f"model {source}; prompt {len(ids)} tokens ({plen} cached with the image, {len(tail)} per query); "
         f"end-to-end answer ({answer_len} tokens, cap {n}): {answers[-1]!r}",
@@ -265,6 +294,12 @@ def main() -> None:
         f"{med['4 questions, one predict each'] / med['4 questions, one predict_batch']:.2f}",
         "training samples/s: see the bench/bench_train.py sections",
     ]
+    if fp32_model is not None:
+        notes.append(
+            f"{dtype} vs fp32 in this run: encoder x{med['image encoder alone, fp32'] / enc:.2f}, first query "
+            f"x{med['end-to-end first query, fp32'] / med['end-to-end first query']:.2f}, follow-up "
+            f"x{med['end-to-end follow-up, fp32'] / med['end-to-end follow-up']:.2f} faster"
+        )
     print(table)
     print("\n".join(notes))
     if not args.no_append:

@@ -225,6 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--quantization", default=None, choices=("cpu-int8",), help="evaluate with the LM quantised (CPU)"
     )
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("auto", "fp32", "bf16"),
+        help="the model's precision on the CPU (reasonseg.model.precision; default fp32)",
+    )
     p.add_argument("--worst-k", type=int, default=8)
     p.add_argument("--montage", type=Path, default=None, help="also write a PNG of 8 samples here")
     p.add_argument(
@@ -248,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     scored, loaders = merged_items(items)
     t0 = time.perf_counter()
     model = load_model(args.model)
+    if args.dtype != "fp32":
+        from reasonseg.model.precision import resolve_dtype
+
+        model.apply_memory_options(dtype=resolve_dtype(args.dtype, "cpu"))
     if args.quantization:
         model.apply_memory_options(quantization=args.quantization)
     inner = LisaSegmenter(
@@ -262,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "limit": args.limit,
         "replace_query": args.replace_query,
         "quantization": args.quantization,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     config = RunConfig(out_dir=args.out, mode=args.mode, batch_size=args.batch_size)
     result = run_evaluation(segmenter, scored, GSVA_RULES, config, groups=GROUPS, manifest=manifest)

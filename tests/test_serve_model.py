@@ -137,7 +137,7 @@ def test_chat_keeps_history_and_saves_each_turn(tmp_path: Path, monkeypatch: pyt
         return original(self, instruction, history=history, **kw)
 
     monkeypatch.setattr(ReasonSegPredictor, "predict", spy)
-    args = argparse.Namespace(image=str(EXAMPLE), model="lisa-mobile", tiny=True, quiet=True, max_new_tokens=4,
+    args = argparse.Namespace(image=str(EXAMPLE), model="lisa-mobile", tiny=True, quiet=True, max_new_tokens=4, dtype="auto",
                               out=str(tmp_path), max_turns=10, max_history=8)  # fmt: skip
     out = io.StringIO()
     code = run_chat(args, stdin=io.StringIO("first question\n\nsecond one\n/reset\nthird\n"), stdout=out)

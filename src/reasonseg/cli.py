@@ -126,7 +126,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from reasonseg.serving.loading import DEFAULT_MODEL
+    from reasonseg.serving.loading import DEFAULT_MODEL, DTYPE_CHOICES
 
     p.add_argument(
         "--model",
@@ -135,6 +135,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "trained lisa-mobile, or the untrained preset with a warning while it is not available",
     )
     p.add_argument("--tiny", action="store_true", help="tiny random weights of the preset (testing only)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights' precision; default auto: bf16 where the CPU multiplies bf16 in hardware (AMX or "
+        "AVX-512 BF16: faster; masks differ slightly from fp32, see reasonseg.model.precision), else fp32",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
 

@@ -242,8 +242,11 @@ def postprocess_masks(
         low_res_logits: [N, C, l, l] (l = target_length / 4, i.e. 256).
         resized_hw: image content size inside the padded input; original_hw: (H, W) of the source.
     Returns:
-        [N, C, H, W] logits; ``> 0`` gives the masks.
+        [N, C, H, W] float32 logits (upsampled in float32 whatever the model's dtype, so a bf16 model's
+        mask borders are not rounded twice); ``> 0`` gives the masks.
     """
-    x = F.interpolate(low_res_logits, (target_length, target_length), mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        low_res_logits.float(), (target_length, target_length), mode="bilinear", align_corners=False
+    )
     x = x[..., : resized_hw[0], : resized_hw[1]]
     return F.interpolate(x, tuple(original_hw), mode="bilinear", align_corners=False)

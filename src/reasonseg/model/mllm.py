@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reasonseg.model.cpu_linear import use_cpu_linears
+
 __all__ = ["MultimodalLM", "positions_from_mask"]
 
 
@@ -46,6 +48,7 @@ class MultimodalLM(nn.Module):
         self.vision_tower = vision_tower
         self.projector = projector
         self.lm = lm
+        use_cpu_linears(lm)  # bf16 on a CPU: pre-packed weights (reasonseg.model.cpu_linear); else as is
         self.image_token_id = int(image_token_id)
         self.num_image_tokens = int(num_image_tokens)
 

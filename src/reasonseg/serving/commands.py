@@ -20,9 +20,11 @@ __all__ = ["run_chat", "run_segment", "run_serve"]
 def _load(args: argparse.Namespace) -> LoadedModel:
     from reasonseg.serving.loading import load_model
 
-    loaded = load_model(args.model, tiny=args.tiny, progress=not args.quiet)
+    loaded = load_model(args.model, tiny=args.tiny, progress=not args.quiet, dtype=args.dtype)
     if not args.quiet:
-        print(f"model: {loaded.name} ({loaded.source}, {loaded.seconds:.1f} s)", file=sys.stderr)
+        print(
+            f"model: {loaded.name} ({loaded.source}, {loaded.dtype}, {loaded.seconds:.1f} s)", file=sys.stderr
+        )
     return loaded
 
 

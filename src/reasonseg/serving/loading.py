@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from tqdm import tqdm
 
     from reasonseg.model.lisa import LisaModel
 
-__all__ = ["BUILTIN_MODEL_DIR", "DEFAULT_MODEL", "FALLBACK_PRESET", "LoadedModel", "load_model"]
+__all__ = [
+    "BUILTIN_MODEL_DIR",
+    "DEFAULT_MODEL",
+    "DTYPE_CHOICES",
+    "FALLBACK_PRESET",
+    "LoadedModel",
+    "load_model",
+]
 
 DEFAULT_MODEL = "builtin"
 """What ``--model`` means when not given: the trained lisa-mobile shipped with the package."""
@@ -37,6 +45,10 @@ BUILTIN_MODEL_DIR = Path(
 
 FALLBACK_PRESET = "lisa-mobile"
 
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+"""``--dtype`` values (the keys of ``reasonseg.model.precision.DTYPE_NAMES``, spelled here so that
+building the CLI parser does not import torch)."""
+
 
 @dataclass
 class LoadedModel:
@@ -47,6 +59,7 @@ class LoadedModel:
     source: str
     untrained: bool
     seconds: float
+    dtype: str = "fp32"  # what the weights run in ("fp32", "bf16", "fp16"), after resolving "auto"
 
 
 def _progress_bar(total: int, enabled: bool) -> tqdm:
@@ -73,7 +86,9 @@ def _fetch_base_weights(preset: str, say: Callable[[str], None]) -> list[Callabl
     return steps
 
 
-def load_model(spec: str | None = None, *, tiny: bool = False, progress: bool = True) -> LoadedModel:
+def load_model(
+    spec: str | None = None, *, tiny: bool = False, progress: bool = True, dtype: str | torch.dtype = "fp32"
+) -> LoadedModel:
     """Load the model named by ``spec``.
 
     Args:
@@ -88,6 +103,9 @@ def load_model(spec: str | None = None, *, tiny: bool = False, progress: bool = 
     """
     from reasonseg.model.config import PRESETS
     from reasonseg.model.lisa import LisaModel
+    from reasonseg.model.precision import dtype_name, resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype, "cpu")  # a bad name fails before anything is loaded
 
     t0 = time.perf_counter()
     spec = spec or DEFAULT_MODEL
@@ -118,11 +136,15 @@ def load_model(spec: str | None = None, *, tiny: bool = False, progress: bool = 
     if directory is not None:
         bar = _progress_bar(1, progress)
         bar.set_postfix_str(f"reading {directory}")
-        model = LisaModel.from_pretrained(directory, progress=lambda msg: bar.set_postfix_str(msg[:60]))
+        model = LisaModel.from_pretrained(
+            directory, progress=lambda msg: bar.set_postfix_str(msg[:60]), dtype=torch_dtype
+        )
         bar.update(1)
         bar.close()
         name = f"builtin ({directory.name})" if directory == BUILTIN_MODEL_DIR else directory.name
-        return LoadedModel(model, name, str(directory), False, time.perf_counter() - t0)
+        return LoadedModel(
+            model, name, str(directory), False, time.perf_counter() - t0, dtype_name(torch_dtype)
+        )
 
     bar = None
 
@@ -137,8 +159,10 @@ def load_model(spec: str | None = None, *, tiny: bool = False, progress: bool = 
         step()
         bar.update(1)
     bar.set_postfix_str("building " + (f"tiny {spec}" if tiny else spec))
-    model = LisaModel.from_preset(spec, tiny=tiny).eval()
+    model = LisaModel.from_preset(spec, tiny=tiny, dtype=torch_dtype).eval()
     bar.update(1)
     bar.close()
     name = f"{spec} (tiny, random)" if tiny else spec + (" (untrained head)" if untrained else "")
-    return LoadedModel(model, name, f"preset:{spec}", untrained, time.perf_counter() - t0)
+    return LoadedModel(
+        model, name, f"preset:{spec}", untrained, time.perf_counter() - t0, dtype_name(torch_dtype)
+    )

@@ -21,17 +21,19 @@ _MKLDNN_FUSION = (
 )
 
 
-def fusable(x: torch.Tensor) -> bool:
-    """Whether fused oneDNN CPU kernels may run on ``x``: CPU, fp32, no autograd (they have no backward).
+def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether fused oneDNN CPU kernels may run on ``x`` with ``weight``: CPU, fp32 or bf16 (the same for
+    both; a mismatch falls back to the plain ops and their dtype error), no autograd (no backward).
 
     These are the ``torch.ops.mkldnn`` pointwise-fusion ops that ``torch.compile`` emits on CPU; they
     fold a bias, an activation or a residual add into the matmul/convolution, saving whole passes over
-    memory-bound activations. Elsewhere (GPU, bf16, training) callers run the plain ops.
+    memory-bound activations. Elsewhere (GPU, training) callers run the plain ops.
     """
     return (
         _MKLDNN_FUSION
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == x.dtype
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()  # under torch.compile, inductor does its own fusion
     )
@@ -71,7 +73,7 @@ def linear(
 
     One oneDNN kernel when :func:`fusable`, the plain ops otherwise.
     """
-    if fusable(x) and layer.bias is not None:
+    if fusable(x, layer.weight) and layer.bias is not None:
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, act, [], "none")
         y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")

@@ -27,10 +27,14 @@ class PositionEmbeddingRandom(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(2, num_pos_feats))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """[..., 2] coordinates in [0, 1] -> [..., 2 * num_pos_feats] (sin then cos)."""
-        proj = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
+        """[..., 2] coordinates in [0, 1] -> [..., 2 * num_pos_feats] (sin then cos), in the buffer's dtype.
+
+        The phases are computed in float32 whatever the model's dtype: a bf16 product would put errors
+        of a tenth of a radian into the high frequencies."""
+        gauss = self.positional_encoding_gaussian_matrix
+        proj = (2 * coords.float() - 1) @ gauss.float()
         proj = 2 * math.pi * proj
-        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1).to(gauss.dtype)
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Encoding of every cell centre of an (h, w) grid: [C, h, w]."""

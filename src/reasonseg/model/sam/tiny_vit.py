@@ -20,8 +20,9 @@ Speed (CPU inference; outputs equal to the reference within float rounding):
   autograd, and rebuilt whenever the parameter changes (tracked by its version counter).
 - On CPU in fp32 without autograd, the memory-bound element-wise steps are fused into oneDNN's
   convolution/linear kernels (conv+GELU, conv+residual add, fc1+GELU, fc2+residual add) through the
-  ``torch.ops.mkldnn`` pointwise ops that ``torch.compile`` itself emits; elsewhere (GPU, bf16,
-  training) the plain ops run. The activation stays the exact (erf) GELU either way.
+  ``torch.ops.mkldnn`` pointwise ops that ``torch.compile`` itself emits. The same holds in bf16, where
+  oneDNN uses AMX/AVX-512 BF16 (``--dtype auto``); elsewhere (GPU, training) the plain ops run. The
+  activation stays the exact (erf) GELU either way.
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ class Conv2dBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of the convolution equivalent to conv + eval-mode BatchNorm."""
+        """(weight, bias) of the convolution equivalent to conv + eval-mode BatchNorm, folded in float32
+        and rounded once to the convolution's dtype (a bf16 model does not round every step)."""
         bn = self.bn
         assert bn.running_var is not None and bn.running_mean is not None
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        return self.c.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+        scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+        weight = self.c.weight.float() * scale[:, None, None, None]
+        bias = bn.bias.float() - bn.running_mean.float() * scale
+        dtype = self.c.weight.dtype
+        return weight.to(dtype), bias.to(dtype)
 
     def forward(
         self, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None
@@ -72,7 +77,7 @@ class Conv2dBN(nn.Module):
         else:
             weight, bias = self.folded()
             c = self.c
-            if fusable(x):
+            if fusable(x, weight):
                 pad, stride, dil = list(c.padding), list(c.stride), list(c.dilation)  # type: ignore[arg-type]
                 if residual is None:
                     attr = "gelu" if gelu else "none"
