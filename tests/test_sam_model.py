@@ -203,13 +203,43 @@ def test_attention_goes_through_sdpa(monkeypatch: pytest.MonkeyPatch, tiny_sam: 
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
+    from reasonseg.model.sam import common
+
+    few_keys = []
+    real_few = common._attention_few_keys
+
+    def counting_few(*args: object) -> torch.Tensor:
+        few_keys.append(1)
+        return real_few(*args)  # type: ignore[arg-type]
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(common, "_attention_few_keys", counting_few)
     with torch.no_grad():
         emb = tiny_sam.encode_images(torch.randn(1, 3, 128, 128))
         n_encoder = len(calls)
+        assert not few_keys
         tiny_sam.decode(emb, boxes=torch.tensor([[1.0, 2.0, 30.0, 40.0]]))
     assert n_encoder >= 2  # every encoder attention block
-    assert len(calls) - n_encoder == 7  # two-way transformer: 2 blocks x 3 attentions + final
+    # two-way transformer: 2 blocks x 3 attentions + final; on a CPU the image-to-token attention of
+    # each block (64 image positions, 7 prompt tokens) takes the few-keys form, the rest SDPA
+    assert len(calls) - n_encoder == 5 and len(few_keys) == 2
+
+
+def test_few_keys_attention_matches_sdpa() -> None:
+    from reasonseg.model.sam.common import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, n, 16, generator=g) for n in (300, 7, 7))
+    want = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention(q, k, v), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, scale=0.3), F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    )
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.05
+    q.requires_grad_(True)
+    attention(q, k, v).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_no_hard_coded_cuda_calls() -> None:

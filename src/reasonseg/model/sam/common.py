@@ -144,8 +144,24 @@ def attention(
     Returns:
         [B, heads, Nq, Dv].
     """
+    if bias is None and q.device.type == "cpu" and k.shape[2] <= _FEW_KEYS < q.shape[2]:
+        return _attention_few_keys(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
     if bias is not None:
         # A full-rank (expanded, zero-copy) 4-D mask lets the CPU flash kernel take it; a 2-D/3-D mask
         # sends SDPA down the unfused math path, about 3x slower for TinyViT's window sizes.
         bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+_FEW_KEYS = 32
+
+
+def _attention_few_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of many queries to a few keys (SAM's decoder: 4096 image positions attending to ~7 prompt
+    tokens), computed transposed: ``k q^T`` is a short, wide product, the softmax runs over the key axis
+    in float32, and ``v^T p`` is wide again. On a CPU the flash kernel walks the 4096 queries in small
+    blocks against 7 keys; this form took 0.65 ms instead of 7.6 ms for one [1, 8, 4096, 16] call (fp32;
+    0.74 vs 8.0 ms in bf16), with a max difference of 5e-7 in fp32."""
+    scores = (k @ q.transpose(-1, -2)) * scale  # [B, heads, Nk, Nq]
+    p = torch.softmax(scores.float(), dim=-2).to(v.dtype)
+    return (v.transpose(-1, -2) @ p).transpose(-1, -2)  # [B, heads, Nq, Dv]
