@@ -131,6 +131,23 @@ def test_eval_command_end_to_end_and_resume(
     assert "mode='teacher-forced', not 'generative'" in capsys.readouterr().err
 
 
+def test_eval_command_in_bf16_records_the_dtype(data: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """``--dtype bf16`` evaluates the bf16 model; the manifest records it, so the run cannot be resumed
+    in float32 by mistake; a bad name is refused before anything is loaded."""
+    from reasonseg.cli import main
+
+    out = tmp_path / "run"
+    argv = ["eval", "--model", "lisa-mobile", "--tiny", "--data", f"reasonseg:{data['reasonseg']}:val",
+            "--mode", "teacher-forced", "--out", str(out), "--no-cache"]  # fmt: skip
+    assert main([*argv, "--dtype", "bf16"]) == 0
+    assert json.loads((out / "run.json").read_text())["dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert main(argv) == 2  # fp32 on the bf16 run's directory
+    assert "dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--dtype", "float64"])
+
+
 @pytest.mark.slow  # two processes, each loading the model (~30 s here)
 def test_cli_under_accelerate_two_processes_matches_one(
     tiny_model: LisaModel, data: dict[str, Path], tmp_path: Path

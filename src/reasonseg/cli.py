@@ -37,6 +37,8 @@ def _add_fetch(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from reasonseg.serving.loading import DTYPE_CHOICES
+
     p = sub.add_parser(
         "eval",
         help="evaluate on ReasonSeg / refCOCO / gRefCOCO (resumable; multi-process via accelerate launch)",
@@ -60,6 +62,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not use the image-encoder disk cache")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (generative mode)")
     p.add_argument("--tiny", action="store_true", help="build the preset at tiny random sizes (smoke tests)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=DTYPE_CHOICES,
+        help="model precision (default fp32, as published; auto/bf16: see `reasonseg segment --help`)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def run(args: argparse.Namespace) -> int:
@@ -79,6 +87,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
             cache_dir=cache,
             max_new_tokens=args.max_new_tokens,
             tiny=args.tiny,
+            dtype=args.dtype,
         )
         return run_eval_command(cmd)
 

@@ -40,6 +40,8 @@ class EvalCommand:
         cache_dir: image-encoder disk cache (None: no cache).
         max_new_tokens: generation budget (generative mode).
         tiny: build a preset at tiny random sizes (tests, smoke runs).
+        dtype: the model's precision, ``fp32`` (default: results as published), ``bf16``, ``fp16`` or
+            ``auto`` (:func:`reasonseg.model.precision.resolve_dtype` on the process's device).
     """
 
     model: str
@@ -53,8 +55,13 @@ class EvalCommand:
     cache_dir: Path | None = None
     max_new_tokens: int = 64
     tiny: bool = False
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        from reasonseg.serving.loading import DTYPE_CHOICES
+
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype: must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.mode not in MODES:
             raise ValueError(f"--mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.batch_size < 1:
@@ -95,6 +102,10 @@ def run_eval_command(cmd: EvalCommand) -> int:
     protocol = build_protocol(cmd.data, limit=cmd.limit, image_root=cmd.image_root)
     t0 = time.perf_counter()
     model = load_model(cmd.model, tiny=cmd.tiny).to(state.device)
+    if cmd.dtype != "fp32":
+        from reasonseg.model.precision import resolve_dtype
+
+        model.apply_memory_options(dtype=resolve_dtype(cmd.dtype, state.device))
     load_s = time.perf_counter() - t0
     model_id = (
         str(Path(cmd.model).resolve())
@@ -106,6 +117,8 @@ def run_eval_command(cmd: EvalCommand) -> int:
     )
     config = RunConfig(out_dir=cmd.out, mode=cmd.mode, batch_size=cmd.batch_size)
     manifest = {"protocol": protocol.name, "data": str(protocol.spec), "model": model_id}
+    if cmd.dtype != "fp32":  # (absent for fp32, so runs written before this option still resume)
+        manifest["dtype"] = str(model.dtype).removeprefix("torch.")
     if cmd.mode == "generative":
         manifest["max_new_tokens"] = cmd.max_new_tokens
     result = run_evaluation(
