@@ -270,6 +270,44 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["synth", "--out", str(tmp_path / "x"), "--n", "0"]) == 2
 
 
+def test_a_world_of_chosen_kinds_uses_only_them() -> None:
+    """``WorldConfig(kinds=...)``: objects only of those kinds; no-target queries name only kinds,
+    categories and properties of the set (so "unknown word -> absent" is no shortcut); bad names fail."""
+    kinds = ("banana", "camera", "cat", "car", "hammer", "guitar")
+    cfg = WorldConfig(n=30, seed=5, kinds=kinds)
+    assert cfg.kinds == tuple(sorted(kinds))
+    cats = {KINDS[k].category for k in kinds}
+    props = {p for k in kinds for p in KINDS[k].properties}
+    names_seen: set[str] = set()
+    absent = 0
+    for index in range(cfg.n):
+        scene, _, refs, rs = build_scene(cfg, index)
+        names_seen |= {inst.kind.name for inst in scene.instances}
+        for q in [*refs, rs]:
+            if q.targets:
+                continue
+            absent += 1
+            if q.query_kind == "semantic":
+                assert q.subject in kinds
+            elif q.query_kind == "category":
+                assert any(CATEGORIES[c].plural == q.subject for c in cats)
+            elif q.query_kind == "reasoning":
+                assert any(q.subject == f"something that {PROPERTIES[p].clause}" for p in props)
+    assert names_seen <= set(kinds) and len(names_seen) >= 4 and absent >= 3
+    with pytest.raises(ValueError, match=r"unknown kind.*unicorn"):
+        WorldConfig(n=3, kinds=("banana", "unicorn"))
+    with pytest.raises(ValueError, match="at least 2 kinds"):
+        WorldConfig(n=3, kinds=("banana",))
+
+
+def test_cli_synth_kinds(tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    argv = ["synth", "--out", str(out), "--n", "4", "--image-size", "128", "--kinds", "banana, cat,camera"]
+    assert main(argv) == 0
+    assert json.loads((out / "world.json").read_text())["config"]["kinds"] == ["banana", "camera", "cat"]
+    assert main([*argv[:-1], "banana,dragon"]) == 2
+
+
 def test_reader_over_the_world_in_dataloader_workers(world: Path) -> None:
     import torch
 

@@ -106,6 +106,13 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="world seed (same seed -> byte-identical files)")
     p.add_argument("--image-size", type=int, default=512, help="longest image side in px (default 512)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
+    p.add_argument(
+        "--kinds",
+        default=None,
+        metavar="NAME,NAME,...",
+        help="only these object kinds (names from reasonseg.data.synth.knowledge; default: all 293); "
+        "no-target queries then name kinds, categories and properties of this set",
+    )
 
     def run(args: argparse.Namespace) -> int:
         import time
@@ -113,7 +120,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         from reasonseg.data.synth import WorldConfig, generate_world
         from reasonseg.data.synth.scene import SceneConfig
 
-        cfg = WorldConfig(n=args.n, seed=args.seed, scene=SceneConfig(image_size=args.image_size))
+        kinds = None if args.kinds is None else tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        cfg = WorldConfig(
+            n=args.n, seed=args.seed, scene=SceneConfig(image_size=args.image_size), kinds=kinds
+        )
         t0 = time.perf_counter()
         step = max(1, args.n // 20)
 

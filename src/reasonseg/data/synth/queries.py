@@ -258,10 +258,20 @@ def explain(prop_id: str, kinds: list[Kind]) -> str:
 # -- generators: (scene, family, rng) -> Query | None ---------------------------------------------------
 
 
-def semantic(scene: Scene, fam: Family, rng: np.random.Generator, absent: bool = False) -> Query | None:
+def semantic(
+    scene: Scene,
+    fam: Family,
+    rng: np.random.Generator,
+    absent: bool = False,
+    universe: frozenset[str] | None = None,
+) -> Query | None:
+    """A query naming a kind; with ``absent``, a kind of ``universe`` (the world's kinds; None: all)
+    that is not in the scene."""
     present = sorted(scene.kinds())
     if absent:
-        pool = sorted(set(KINDS) - scene.kinds())
+        pool = sorted(set(universe if universe is not None else KINDS) - scene.kinds())
+        if not pool:
+            return None
         name = pool[int(rng.integers(len(pool)))]
         targets: list[int] = []
     else:
@@ -277,9 +287,20 @@ def semantic(scene: Scene, fam: Family, rng: np.random.Generator, absent: bool =
     )
 
 
-def category(scene: Scene, fam: Family, rng: np.random.Generator, absent: bool = False) -> Query | None:
+def category(
+    scene: Scene,
+    fam: Family,
+    rng: np.random.Generator,
+    absent: bool = False,
+    universe: frozenset[str] | None = None,
+) -> Query | None:
+    """A query naming a category; with ``absent``, one of ``universe``'s categories (None: all) that no
+    object in the scene belongs to."""
     present = sorted({inst.kind.category for inst in scene.instances})
-    cats = sorted(set(CATEGORIES) - set(present)) if absent else present
+    known = set(CATEGORIES) if universe is None else {KINDS[k].category for k in universe}
+    cats = sorted(known - set(present)) if absent else present
+    if not cats:
+        return None
     cat = cats[int(rng.integers(len(cats)))]
     targets = [i for i, inst in enumerate(scene.instances) if inst.kind.name in kinds_in(cat)]
     c = CATEGORIES[cat]
@@ -431,9 +452,18 @@ def occlusion(scene: Scene, fam: Family, rng: np.random.Generator) -> Query | No
     return Query("occlusion", fam.id, texts, fam.sentence, [target], subject=f"object {occ} the {anchor}")
 
 
-def reasoning(scene: Scene, fam: Family, rng: np.random.Generator, absent: bool = False) -> Query | None:
+def reasoning(
+    scene: Scene,
+    fam: Family,
+    rng: np.random.Generator,
+    absent: bool = False,
+    universe: frozenset[str] | None = None,
+) -> Query | None:
+    """A knowledge query (a use or a fact); with ``absent``, a property some kind of ``universe`` (None:
+    any property) has and no object in the scene has."""
     present_props = sorted({p for inst in scene.instances for p in inst.kind.properties})
-    props = sorted(set(PROPERTIES) - set(present_props)) if absent else present_props
+    known = set(PROPERTIES) if universe is None else {p for k in universe for p in KINDS[k].properties}
+    props = sorted(known - set(present_props)) if absent else present_props
     if not props:
         return None
     pid = props[int(rng.integers(len(props)))]

@@ -6,6 +6,7 @@ covers, and that hidden part is removed from their masks (``Instance.mask`` is t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -165,9 +166,12 @@ def crop_background(name: str, size: int, rng: np.random.Generator) -> np.ndarra
     return np.clip(arr, 0, 255)
 
 
-def choose_kinds(n: int, cfg: SceneConfig, rng: np.random.Generator) -> list[Kind]:
-    """n kinds for a scene: mostly distinct, sometimes a repeated kind, sometimes two of one category."""
-    names = sorted(KINDS)
+def choose_kinds(
+    n: int, cfg: SceneConfig, rng: np.random.Generator, kinds: Sequence[str] | None = None
+) -> list[Kind]:
+    """n kinds for a scene from ``kinds`` (names; None: all of ``KINDS``): mostly distinct, sometimes a
+    repeated kind, sometimes two of one category."""
+    names = sorted(kinds if kinds is not None else KINDS)
     chosen: list[str] = []
     first = names[int(rng.integers(len(names)))]
     chosen.append(first)
@@ -178,7 +182,7 @@ def choose_kinds(n: int, cfg: SceneConfig, rng: np.random.Generator) -> list[Kin
             chosen.append(peers[int(rng.integers(len(peers)))])
     if len(chosen) < n and rng.random() < cfg.duplicate_prob:
         chosen.append(chosen[int(rng.integers(len(chosen)))])
-    while len(chosen) < n:
+    while len(chosen) < n and len(set(chosen)) < len(names):  # a small pool may run out of kinds
         k = names[int(rng.integers(len(names)))]
         if k not in chosen:
             chosen.append(k)
@@ -186,13 +190,16 @@ def choose_kinds(n: int, cfg: SceneConfig, rng: np.random.Generator) -> list[Kin
     return [KINDS[chosen[i]] for i in order]
 
 
-def compose_scene(background: str, cfg: SceneConfig, rng: np.random.Generator) -> Scene:
-    """Compose one scene; every object keeps >= ``cfg.min_visible`` of its pixels visible."""
+def compose_scene(
+    background: str, cfg: SceneConfig, rng: np.random.Generator, kinds: Sequence[str] | None = None
+) -> Scene:
+    """Compose one scene of objects of ``kinds`` (None: any kind); every object keeps >=
+    ``cfg.min_visible`` of its pixels visible."""
     canvas = crop_background(background, cfg.image_size, rng)
     H, W = canvas.shape[:2]
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     instances: list[Instance] = []
-    for kind in choose_kinds(n, cfg, rng):
+    for kind in choose_kinds(n, cfg, rng, kinds):
         for _ in range(cfg.max_tries):
             side = round(float(rng.uniform(cfg.min_scale, cfg.max_scale)) * max(H, W))
             side = min(side, min(H, W) - 2)

@@ -87,6 +87,7 @@ class WorldConfig:
     held_out_family_rate: float = 0.5
     jpeg_quality: int = 92
     polygon_tolerance: float = 0.5  # px, Douglas-Peucker simplification of the mask contours
+    kinds: tuple[str, ...] | None = None  # the object kinds the world uses (None: all of KINDS)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -102,6 +103,15 @@ class WorldConfig:
         for name in ("no_target_rate", "held_out_family_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", tuple(sorted(set(self.kinds))))
+            unknown = [k for k in self.kinds if k not in KINDS]
+            if unknown:
+                raise ValueError(
+                    f"kinds: unknown kind(s) {', '.join(unknown)} (see reasonseg.data.synth.knowledge)"
+                )
+            if len(self.kinds) < 2:
+                raise ValueError(f"kinds: need at least 2 kinds, got {len(self.kinds)}")
         if not 90 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [90, 100], got {self.jpeg_quality}")
 
@@ -139,7 +149,11 @@ def make_query(
         qk = _weighted(ABSENT_WEIGHTS if absent else weights, rng)
         fam = families_for(qk, split, rng, cfg.held_out_family_rate)
         gen = GENERATORS[qk]
-        q = gen(scene, fam, rng, absent=True) if absent else gen(scene, fam, rng)
+        if absent:
+            universe = frozenset(cfg.kinds) if cfg.kinds is not None else None
+            q = gen(scene, fam, rng, absent=True, universe=universe)
+        else:
+            q = gen(scene, fam, rng)
         if q is not None and (absent or q.targets):
             return q
     return None
@@ -283,7 +297,7 @@ def build_scene(cfg: WorldConfig, index: int) -> tuple[Scene, str, list[Query], 
     rng = np.random.default_rng([cfg.seed, index])
     bgs = backgrounds_for(split)
     background = bgs[int(rng.integers(len(bgs)))]
-    scene = compose_scene(background, cfg.scene, rng)
+    scene = compose_scene(background, cfg.scene, rng, cfg.kinds)
     refs: list[Query] = []
     seen: set[tuple[str, str]] = set()  # one query per (kind, subject): no near-duplicate refs
     for _ in range(cfg.refs_per_scene):
