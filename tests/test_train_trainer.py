@@ -134,3 +134,28 @@ def test_prefill_cache_shards_encode_each_distinct_image_once(tmp_path: Path) ->
     assert trainer.prefill_cache((0, 1), progress=False) == (3, 0)  # everything cached now
     with pytest.raises(ValueError, match="shard"):
         trainer.prefill_cache((2, 2))
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_prefill_cache_counts_a_hard_linked_file_once(tmp_path: Path) -> None:
+    """synth writes each picture once and hard-links it into its second format: two names, one image."""
+    import dataclasses
+    import os
+
+    from PIL import Image
+
+    from reasonseg.training.trainer import Trainer, build_model
+    from train_support import collator_for, make_samples
+
+    recipe = _tiny_recipe(tmp_path / "run", encoder_cache=str(tmp_path / "cache"))
+    model = build_model(recipe.model)
+    base = make_samples(2)
+    paths = []
+    for k, s in enumerate(base):
+        paths.append(tmp_path / f"a{k}.png")
+        Image.fromarray(s.image).save(paths[-1])
+    os.link(paths[0], tmp_path / "b0.png")
+    names = [paths[0], paths[1], tmp_path / "b0.png", tmp_path / "." / "a1.png"]
+    samples = [dataclasses.replace(base[k % 2], image=str(p), image_id=f"s{k}") for k, p in enumerate(names)]
+    trainer = Trainer(recipe, model=model, dataset=samples, collate=collator_for(model))
+    assert trainer.prefill_cache((0, 1), progress=False) == (2, 2)

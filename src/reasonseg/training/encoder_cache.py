@@ -222,13 +222,16 @@ def encode_frozen(model: Any, pixels: torch.Tensor, resized_hw: Any) -> FrozenIm
     from reasonseg.model.vision_tower import sam_pixels_to_clip
 
     pixels = pixels.to(device=model.device, dtype=model.dtype)
-    sam = model.sam.image_encoder(pixels)  # [B,256,h,w]
-    if model.config.vision.kind == "sam":
-        tower_in = sam
-    else:
-        sizes = [tuple(map(int, hw)) for hw in resized_hw]
-        tower_in = sam_pixels_to_clip(pixels, sizes, model.mllm.vision_tower.image_size)
-    return FrozenImageFeatures(sam, model.mllm.vision_tower(tower_in))
+    # Autocast off: the cache is keyed by the weights' dtype, so its entries must be computed in it
+    # (a bf16 mixed-precision step must not store bf16-rounded features under an fp32 key).
+    with torch.autocast(pixels.device.type, enabled=False):
+        sam = model.sam.image_encoder(pixels)  # [B,256,h,w]
+        if model.config.vision.kind == "sam":
+            tower_in = sam
+        else:
+            sizes = [tuple(map(int, hw)) for hw in resized_hw]
+            tower_in = sam_pixels_to_clip(pixels, sizes, model.mllm.vision_tower.image_size)
+        return FrozenImageFeatures(sam, model.mllm.vision_tower(tower_in))
 
 
 def frozen_features(

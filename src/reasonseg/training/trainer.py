@@ -103,6 +103,19 @@ class SampleStream:
         return [(int(self._perm(s // self.n)[s % self.n]), s // self.n) for s in range(start, start + per)]
 
 
+def _image_identity(sample: Any) -> object:
+    """What makes two samples' images one image for :meth:`Trainer.prefill_cache`: the file itself
+    (device and inode, so the hard links by which synth's two parts share a picture count once, as do
+    two paths to one file), else the sample's image id."""
+    if isinstance(sample.image, (str, Path)):
+        try:
+            st = os.stat(sample.image)
+            return ("file", st.st_dev, st.st_ino)
+        except OSError:
+            return ("path", str(sample.image))
+    return ("id", sample.image_id)
+
+
 def _get_sample(dataset: Any, index: int, epoch: int) -> Any:
     getter = getattr(dataset, "get", None)
     if callable(getter):
@@ -394,7 +407,7 @@ class Trainer:
         i, n = shard
         if not (n >= 1 and 0 <= i < n):
             raise ValueError(f"prefill_cache: shard must be i/n with 0 <= i < n, got {i}/{n}")
-        seen: set[str] = set()
+        seen: set[object] = set()
         todo: list[Any] = []
         sources = (
             [self.dataset]
@@ -404,8 +417,7 @@ class Trainer:
         for ds in sources:
             for k in range(len(ds)):
                 sample = _get_sample(ds, k, 0)
-                # datasets built from one folder (synth's two parts) name the same file differently
-                key = str(sample.image) if isinstance(sample.image, (str, Path)) else sample.image_id
+                key = _image_identity(sample)
                 if key in seen:
                     continue
                 seen.add(key)
