@@ -84,7 +84,7 @@ def test_quantization_replaces_the_lm_linears_but_not_the_head(
     torch.manual_seed(0)
     # device="cpu" is refused for real; the stand-in layers are moved by quantize_lm itself.
     model = LisaModel.from_preset("lisa-mobile", tiny=True, dtype=torch.bfloat16)
-    n_linear = sum(type(m) is nn.Linear for m in model.mllm.lm.modules())
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.mllm.lm.modules())  # CpuLinear included
     replaced = quantize_lm(model.mllm.lm, kind, device="cpu", compute_dtype=torch.bfloat16)
     expected_cls = "Linear8bitLt" if kind == "8bit" else "Linear4bit"
     kinds = {type(m).__name__ for m in model.mllm.lm.model.modules() if isinstance(m, nn.Linear)}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CpuLinear", "use_cpu_linears"]
+__all__ = ["CpuLinear", "plain_linears", "use_cpu_linears"]
 
 
 class CpuLinear(nn.Linear):
@@ -49,5 +49,16 @@ def use_cpu_linears(module: nn.Module) -> int:
     for sub in module.modules():
         if type(sub) is nn.Linear:
             sub.__class__ = CpuLinear
+            n += 1
+    return n
+
+
+def plain_linears(module: nn.Module) -> int:
+    """Undo :func:`use_cpu_linears` in place (quantisers that match ``type(m) is nn.Linear``, e.g.
+    torch's ``quantize_dynamic``, then see every layer). Returns how many were changed."""
+    n = 0
+    for sub in module.modules():
+        if type(sub) is CpuLinear:
+            sub.__class__ = nn.Linear
             n += 1
     return n

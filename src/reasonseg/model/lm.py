@@ -236,10 +236,14 @@ def quantize_lm(
         ValueError: ``kind`` is not ``"8bit"`` or ``"4bit"``.
         RuntimeError: no CUDA device, or ``bitsandbytes`` is not installed (the message says which).
     """
+    from reasonseg.model.cpu_linear import plain_linears
+
     if kind == "cpu-int8":
         _check_quantization(kind, device if torch.device(device).type == "cpu" else None)
+        plain_linears(lm)  # quantize_dynamic matches layers by type(m) is nn.Linear
         return _quantize_cpu_int8(lm, skip)
     bnb = _bitsandbytes(kind)
+    plain_linears(lm)  # the bitsandbytes layers replace plain nn.Linear ones
     targets = [
         (name, mod)
         for name, mod in lm.named_modules()
