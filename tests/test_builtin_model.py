@@ -46,6 +46,10 @@ def test_segment_command_answers_the_demo_example(tmp_path: Path) -> None:
     assert "untrained" not in proc.stderr.lower()
     result = json.loads((out / "result.json").read_text())
     assert result["answer"].count("[SEG]") == 1 and "[REJ]" not in result["answer"]
+    from reasonseg.model.precision import dtype_name, resolve_dtype
+
+    # --dtype auto: bf16 on a CPU with AMX / AVX-512 BF16, else fp32; the result says which
+    assert result["model"] == f"builtin (lisa-mobile-synth) [{dtype_name(resolve_dtype('auto'))}]"
     assert (out / "overlay.png").is_file()
     pred = np.array(Image.open(out / "mask_0.png")) > 0
     target = np.array(Image.open(TARGET)) > 0

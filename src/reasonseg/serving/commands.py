@@ -50,7 +50,7 @@ def run_segment(args: argparse.Namespace) -> int:
     result = SegmentResult.from_prediction(
         prediction, args.instruction, image.shape[:2],
         timings_ms={"load_model": loaded.seconds * 1e3, "encode_image": (t1 - t0) * 1e3, "predict": (t2 - t1) * 1e3},
-        model=loaded.name,
+        model=loaded.label,
     )  # fmt: skip
     files = write_result(args.out, image, result)
     print(result.summary())
@@ -98,7 +98,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         history = prediction.history[-2 * args.max_history :] if args.max_history else None
         result = SegmentResult.from_prediction(
             prediction, text, image.shape[:2], timings_ms={"predict": (time.perf_counter() - t1) * 1e3},
-            model=loaded.name,
+            model=loaded.label,
         )  # fmt: skip
         files = write_result(args.out, image, result, stem=f"turn{turn:02d}_")
         say("model> " + result.summary().replace("\n", "\n       "))
@@ -139,10 +139,10 @@ def run_serve(args: argparse.Namespace) -> int:
     model = loaded.model
     max_new = args.max_new_tokens
     app = create_app(
-        lambda: ReasonSegPredictor(model, max_new_tokens=max_new), settings, model_name=loaded.name
+        lambda: ReasonSegPredictor(model, max_new_tokens=max_new), settings, model_name=loaded.label
     )
     print(
-        f"serving {loaded.name} on http://{settings.host}:{settings.port}/ (API docs at /docs)",
+        f"serving {loaded.label} on http://{settings.host}:{settings.port}/ (API docs at /docs)",
         file=sys.stderr,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning" if args.quiet else "info")

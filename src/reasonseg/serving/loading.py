@@ -61,6 +61,11 @@ class LoadedModel:
     seconds: float
     dtype: str = "fp32"  # what the weights run in ("fp32", "bf16", "fp16"), after resolving "auto"
 
+    @property
+    def label(self) -> str:
+        """The name with the precision, as results and the API report it: ``"builtin (...) [bf16]"``."""
+        return f"{self.name} [{self.dtype}]"
+
 
 def _progress_bar(total: int, enabled: bool) -> tqdm:
     from tqdm.auto import tqdm
