@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from reasonseg.training.checkpoint import CheckpointError, latest_checkpoint, load_trainable
-from reasonseg.training.freeze import apply_lisa_freeze_policy, merge_lora
+from reasonseg.training.freeze import merge_lora
 from reasonseg.training.recipe import load_recipe
 from reasonseg.training.trainer import build_model
 
@@ -58,15 +58,7 @@ def export_run(
 
     set_seed(recipe.train.seed)  # as the trainer does: randomly initialised frozen parts come out the same
     model = build_model(recipe.model)
-    fr = recipe.freeze
-    plan = apply_lisa_freeze_policy(
-        model,
-        fr.lora,
-        train_projector=fr.train_projector,
-        train_mask_decoder=fr.train_mask_decoder,
-        train_new_token_rows=fr.train_new_token_rows,
-        train_head=fr.train_head,
-    )
+    plan = recipe.freeze.apply(model)
     plan.load_state_dict(load_trainable(ckpt))
     for hook in plan.hooks:
         hook.remove()

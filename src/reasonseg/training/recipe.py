@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from reasonseg.training.freeze import LoraSettings
+from reasonseg.training.freeze import LoraSettings, TrainablePlan, apply_lisa_freeze_policy
 from reasonseg.training.losses import LossWeights
 from reasonseg.training.optim import OptimConfig
 
@@ -153,6 +153,18 @@ class FreezeRecipe:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             object.__setattr__(self, "lora", LoraSettings(**self.lora))
+
+    def apply(self, model: Any) -> TrainablePlan:
+        """This policy on a ``LisaModel`` (:func:`~reasonseg.training.freeze.apply_lisa_freeze_policy`):
+        what training and export both build, so they agree on every field."""
+        return apply_lisa_freeze_policy(
+            model,
+            self.lora,
+            train_projector=self.train_projector,
+            train_mask_decoder=self.train_mask_decoder,
+            train_new_token_rows=self.train_new_token_rows,
+            train_head=self.train_head,
+        )
 
 
 MixedPrecision = Literal["no", "bf16", "fp16"]

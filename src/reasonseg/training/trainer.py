@@ -44,7 +44,7 @@ from reasonseg.training.encoder_cache import (
     frozen_features,
     image_features,
 )
-from reasonseg.training.freeze import TrainablePlan, apply_lisa_freeze_policy, set_frozen_eval
+from reasonseg.training.freeze import TrainablePlan, set_frozen_eval
 from reasonseg.training.losses import (
     LossTerms,
     LossWeights,
@@ -347,15 +347,7 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         set_seed(t.seed)  # same on every process: identical initial weights and LoRA init
         self.model = build_model(recipe.model) if model is None else model.train()
-        fr = recipe.freeze
-        self.plan: TrainablePlan = apply_lisa_freeze_policy(
-            self.model,
-            fr.lora,
-            train_projector=fr.train_projector,
-            train_mask_decoder=fr.train_mask_decoder,
-            train_new_token_rows=fr.train_new_token_rows,
-            train_head=fr.train_head,
-        )
+        self.plan: TrainablePlan = recipe.freeze.apply(self.model)
         set_frozen_eval(self.model)
         self._dataset_given = dataset is not None
         self.dataset = build_dataset(recipe.data, t.seed) if dataset is None else dataset
