@@ -98,16 +98,16 @@ def main() -> None:
         source = str(BUILTIN_MODEL_DIR) if (BUILTIN_MODEL_DIR / "config.json").is_file() else "preset"
     model = LisaModel.from_preset("lisa-mobile") if source == "preset" else LisaModel.from_pretrained(source)
     model.eval()
-    fp32_model = copy.deepcopy(model) if resolve_dtype(args.dtype) != torch.float32 else None
-    model.apply_memory_options(dtype=resolve_dtype(args.dtype))
+    run_dtype = resolve_dtype(args.dtype)
+    fp32_model = copy.deepcopy(model) if run_dtype != torch.float32 else None
+    model.apply_memory_options(dtype=run_dtype)
     dtype = dtype_name(model.dtype)
     image = skimage.data.coffee()
     pred = ReasonSegPredictor(model, max_new_tokens=args.answer_tokens)
     plain = ReasonSegPredictor(model, max_new_tokens=args.answer_tokens, draft_answers=False)
     plain.set_image(image)
     prepared = pred.transform.prepare(load_image(image))
-    pixels = prepared.pixels[None]
-    pixels = pixels.to(model.dtype)
+    pixels = prepared.pixels[None].to(model.dtype)
     feats = model.encode_images(pixels, [prepared.resized_hw], [prepared.original_hw])
     _, ids = pred._prompt(QUESTION, None)  # the prompt exactly as predict() builds it
     pred.set_image(image)

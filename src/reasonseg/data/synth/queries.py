@@ -12,7 +12,7 @@ position, size and relations), and returns None when it can't make an unambiguou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,6 +258,13 @@ def explain(prop_id: str, kinds: list[Kind]) -> str:
 # -- generators: (scene, family, rng) -> Query | None ---------------------------------------------------
 
 
+def _kinds_of(universe: frozenset[str] | None) -> Collection[str]:
+    """The world's kind names (``universe``; None: every kind). Every category and property of the
+    knowledge table has kinds (``test_knowledge_table_is_complete_and_consistent``), so the categories
+    and properties derived from all kinds are exactly ``CATEGORIES`` and ``PROPERTIES``."""
+    return KINDS if universe is None else universe
+
+
 def semantic(
     scene: Scene,
     fam: Family,
@@ -269,7 +276,7 @@ def semantic(
     that is not in the scene."""
     present = sorted(scene.kinds())
     if absent:
-        pool = sorted(set(universe if universe is not None else KINDS) - scene.kinds())
+        pool = sorted(set(_kinds_of(universe)) - scene.kinds())
         if not pool:
             return None
         name = pool[int(rng.integers(len(pool)))]
@@ -297,7 +304,7 @@ def category(
     """A query naming a category; with ``absent``, one of ``universe``'s categories (None: all) that no
     object in the scene belongs to."""
     present = sorted({inst.kind.category for inst in scene.instances})
-    known = set(CATEGORIES) if universe is None else {KINDS[k].category for k in universe}
+    known = {KINDS[k].category for k in _kinds_of(universe)}
     cats = sorted(known - set(present)) if absent else present
     if not cats:
         return None
@@ -462,7 +469,7 @@ def reasoning(
     """A knowledge query (a use or a fact); with ``absent``, a property some kind of ``universe`` (None:
     any property) has and no object in the scene has."""
     present_props = sorted({p for inst in scene.instances for p in inst.kind.properties})
-    known = set(PROPERTIES) if universe is None else {p for k in universe for p in KINDS[k].properties}
+    known = {p for k in _kinds_of(universe) for p in KINDS[k].properties}
     props = sorted(known - set(present_props)) if absent else present_props
     if not props:
         return None
