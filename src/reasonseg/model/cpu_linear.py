@@ -26,6 +26,7 @@ class CpuLinear(nn.Linear):
     ``isinstance`` checks still see an ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., in_features] -> [..., out_features], as ``nn.Linear``."""
         w = self.weight
         if (
             x.dtype == torch.bfloat16
