@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -156,6 +157,148 @@ def frozen_head(steps: int, threads: int, out: str) -> None:
     print(trainer.model.eval().save_pretrained(out))
 
 
+def _low_res_target(
+    mask: torch.Tensor, resized_hw: tuple[int, int], stride: int, side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-size mask [H,W] in the decoder's output frame [side,side] (``stride`` input pixels per
+    output pixel): (target, valid pixels)."""
+    import torch.nn.functional as F
+
+    h, w = resized_hw[0] // stride, resized_hw[1] // stride
+    small = F.interpolate(mask[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    target = torch.zeros(side, side)
+    valid = torch.zeros(side, side, dtype=torch.bool)
+    target[:h, :w] = (small > 0.5).float()
+    valid[:h, :w] = True
+    return target, valid
+
+
+def long_head(
+    recipe_path: str,
+    world: str,
+    train_samples: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    threads: int,
+    eval_every: int,
+) -> None:
+    import random
+
+    from reasonseg.data.readers import build_reader
+    from reasonseg.training.encoder_cache import frozen_features, image_features
+    from reasonseg.training.losses import dice_loss_per_mask, sigmoid_bce_per_mask
+    from reasonseg.training.recipe import load_recipe
+    from reasonseg.training.trainer import SampleStream, Trainer, _get_sample
+
+    torch.set_num_threads(threads)
+    random.seed(0)
+    trainer = Trainer(load_recipe(recipe_path, ["train.progress_bar=false"]))
+    m = trainer.model
+    trainer.standardise_head_input(trainer.recipe.train.head_init_samples)
+    embeddings: dict[str, torch.Tensor] = {}
+    grid = m.sam.prompt_encoder.image_embedding_size  # (h, w) of the SAM embedding
+    side = 4 * grid[0]  # the mask decoder's output is 4x the embedding
+    stride = m.sam.image_size // side
+
+    def slots(samples: list) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+        """Frozen-LM states at the [SEG] slots [n,H], their image keys, targets and valid pixels [n,side,side]."""
+        states, keys, targets, valid = [], [], [], []
+        for start in range(0, len(samples), 16):
+            batch = trainer.collate(samples[start : start + 16])
+            frozen = trainer._frozen_features(batch)  # through train.encoder_cache, if the recipe sets one
+            if frozen is None:
+                frozen = frozen_features(m, batch.pixels, batch.resized_hw)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                images = image_features(m, frozen, batch.resized_hw, batch.original_hw)
+                off = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+                out = m(batch, images=images, decode_masks=False, logits_at=off)
+            for i, positions in enumerate(out.slot_positions):
+                key = batch.image_keys[i]
+                embeddings.setdefault(key, frozen.sam_embeddings[i].to(torch.bfloat16))
+                for j, pos in enumerate(positions.tolist()):
+                    if out.kinds[i][j] != "seg":
+                        continue
+                    mask = torch.as_tensor(batch.masks[i][j])
+                    t, v = _low_res_target(mask, batch.resized_hw[i], stride, side)
+                    states.append(out.hidden_states[i, pos - 1].float())
+                    keys.append(key)
+                    targets.append(t)
+                    valid.append(v)
+        return torch.stack(states), keys, torch.stack(targets), torch.stack(valid)
+
+    stream = SampleStream(len(trainer.dataset), trainer.recipe.train.seed, 1)
+    train = slots([_get_sample(trainer.dataset, *stream.batch(k)[0]) for k in range(train_samples)])
+    reader = build_reader("synth", world, mode="eval", split="test", fixed_answer=True)
+    test = slots([s for s in (reader.get(k) for k in range(min(len(reader), 200))) if s is not None])
+    print(f"slots: {len(train[0])} train on {len(embeddings)} images, {len(test[0])} test", flush=True)
+
+    decoder, head, pe = m.sam.mask_decoder, m.text_hidden_fcs, m.sam.prompt_encoder
+    params = [*head.parameters(), *decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps)
+    )
+
+    def masks(states: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        n = len(keys)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *grid)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = decoder(
+                image_embeddings=torch.stack([embeddings[k] for k in keys]).float(),
+                image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=head(states)[:, None],
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        return low[:, 0].float()  # [n,side,side]
+
+    def evaluate() -> str:
+        states, keys, targets, valid = test
+        with torch.no_grad():
+            pred = torch.cat([masks(states[s : s + 32], keys[s : s + 32]) for s in range(0, len(keys), 32)])
+        pred = (pred > 0) & valid
+        gt = targets.bool()
+        iou = ((pred & gt).sum((1, 2)) / (pred | gt).sum((1, 2)).clamp_min(1)).mean()
+        pairs = [
+            float((pred[a] & pred[b]).sum() / (pred[a] | pred[b]).sum().clamp_min(1))
+            for a in range(len(keys))
+            for b in range(a + 1, len(keys))
+            if keys[a] == keys[b] and not torch.equal(gt[a], gt[b])
+        ]
+        return f"test mean IoU {float(iou):.3f}, pair IoU {sum(pairs) / max(len(pairs), 1):.3f} ({len(pairs)} pairs)"
+
+    print(f"step 0: {evaluate()}", flush=True)
+    states, keys, targets, valid = train
+    history: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        idx = random.sample(range(len(keys)), batch_size)
+        logits = masks(states[idx], [keys[i] for i in idx])
+        bce, dice = [], []
+        for k, i in enumerate(idx):  # each slot its own valid region (image size)
+            bce.append(sigmoid_bce_per_mask(logits[k : k + 1], targets[i : i + 1], ~valid[i]))
+            dice.append(dice_loss_per_mask(logits[k : k + 1], targets[i : i + 1], ~valid[i]))
+        bce, dice = torch.cat(bce).mean(), torch.cat(dice).mean()
+        loss = 2.0 * bce + 0.5 * dice
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        history.append((float(bce.detach()), float(dice.detach())))
+        if step % eval_every == 0 or step == steps:
+            recent = history[-eval_every:]
+            print(
+                f"step {step}: BCE {sum(h[0] for h in recent) / len(recent):.3f} "
+                f"Dice {sum(h[1] for h in recent) / len(recent):.3f} "
+                f"({(time.perf_counter() - start) / step:.2f} s/step); {evaluate()}",
+                flush=True,
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -169,13 +312,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--steps", type=int, default=120)
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--out", default="runs/ablation-frozen-head/model")
+    h = sub.add_parser("long-head")
+    h.add_argument("--recipe", default="recipes/experiments/synth20-stage1.yaml")
+    h.add_argument("--world", default="runs/synth20")
+    h.add_argument("--train-samples", type=int, default=3000)
+    h.add_argument("--steps", type=int, default=1500)
+    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--lr", type=float, default=1e-3)
+    h.add_argument("--threads", type=int, default=2)
+    h.add_argument("--eval-every", type=int, default=250)
     args = p.parse_args(argv)
     if args.cmd == "spread":
         spread(args.model, args.answer)
     elif args.cmd == "overfit":
         overfit(args.steps, args.threads)
-    else:
+    elif args.cmd == "frozen-head":
         frozen_head(args.steps, args.threads, args.out)
+    else:
+        long_head(
+            args.recipe,
+            args.world,
+            args.train_samples,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.threads,
+            args.eval_every,
+        )
     return 0
 
 
