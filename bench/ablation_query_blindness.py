@@ -1,8 +1,10 @@
-"""Why the built-in model returns one mask per image whatever is asked: two measurements.
+"""Why the built-in model returns one mask per image whatever is asked: four experiments.
 
     .venv/bin/python bench/ablation_query_blindness.py spread --model models/lisa-mobile-synth
     .venv/bin/python bench/ablation_query_blindness.py overfit --steps 60
     .venv/bin/python bench/ablation_query_blindness.py frozen-head --steps 120
+    .venv/bin/python bench/ablation_query_blindness.py long-head --world runs/synth20 \
+        --recipe recipes/experiments/synth20-stage1.yaml --train-samples 3000 --steps 900 --eval-every 150
 
 * ``spread``: for 8 different questions (no image: zero image tokens), the LM hidden state at the
   position that predicts ``[SEG]`` and the SAM prompt the LISA head makes of it. Printed: the pairwise
@@ -17,6 +19,13 @@
   initialisation (``freeze.train_head: false``), saved whole to ``--out`` for
   ``bench/eval_synth_queries.py``: does a decoder that cannot be given one prompt for every question
   learn to read the question?
+* ``long-head``: stage 1 (frozen LM; head and mask decoder trained) for more samples than the
+  trainer's step gives on this CPU in the same time. The frozen LM's slot states and the SAM embeddings
+  are computed once; each step then runs only the head and the mask decoder, and the loss (BCE 2 +
+  Dice 0.5, the trainer's loss functions) is taken on the decoder's 256x256 output instead of the
+  full-size masks. Every ``--eval-every`` steps it prints, on the world's test split (first 200 refs),
+  the mean IoU of the target masks at 256x256 and the mean IoU between the masks of two queries with
+  different targets on one image (near 1: query-blind). Does query dependence appear with more steps?
 """
 
 from __future__ import annotations

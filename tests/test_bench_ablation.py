@@ -28,7 +28,6 @@ def fresh_accelerator_state():  # type: ignore[no-untyped-def]
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_long_head_runs_on_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import ablation_query_blindness as abl
-
     from reasonseg.data.synth import WorldConfig, generate_world, render
 
     if not render.font_path().is_file():
