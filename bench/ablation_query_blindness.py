@@ -241,6 +241,11 @@ def long_head(
     reader = build_reader("synth", world, mode="eval", split="test", fixed_answer=True)
     test = slots([s for s in (reader.get(k) for k in range(min(len(reader), 200))) if s is not None])
     print(f"slots: {len(train[0])} train on {len(embeddings)} images, {len(test[0])} test", flush=True)
+    if len(train[1]) < batch_size:
+        raise SystemExit(
+            f"long-head: --train-samples {train_samples} gave {len(train[1])} [SEG] slots, fewer than "
+            f"--batch-size {batch_size}; ask for more samples or a smaller batch"
+        )
 
     decoder, head, pe = m.sam.mask_decoder, m.text_hidden_fcs, m.sam.prompt_encoder
     params = [*head.parameters(), *decoder.parameters()]
@@ -325,11 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--recipe", default="recipes/experiments/synth20-stage1.yaml")
     h.add_argument("--world", default="runs/synth20")
     h.add_argument("--train-samples", type=int, default=3000)
-    h.add_argument("--steps", type=int, default=1500)
+    h.add_argument("--steps", type=int, default=900)
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--lr", type=float, default=1e-3)
     h.add_argument("--threads", type=int, default=2)
-    h.add_argument("--eval-every", type=int, default=250)
+    h.add_argument("--eval-every", type=int, default=150)
     args = p.parse_args(argv)
     if args.cmd == "spread":
         spread(args.model, args.answer)
