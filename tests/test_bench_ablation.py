@@ -16,15 +16,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-@pytest.fixture
-def fresh_accelerator_state():  # type: ignore[no-untyped-def]
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_long_head_runs_on_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import ablation_query_blindness as abl

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,16 +53,6 @@ def test_slot_and_mask_counts_must_agree() -> None:
     batch = SimpleNamespace(labels=torch.full((1, 5), -100), masks=[torch.ones(1, 4, 4)], ignore=None)
     with pytest.raises(ValueError, match=r"sample 0 of the batch: 2 \[SEG\]/\[REJ\] slots .* 1 target masks"):
         lisa_loss_terms(out, batch, LossWeights())
-
-
-@pytest.fixture
-def fresh_accelerator_state() -> Iterator[None]:
-    """accelerate keeps one process-wide state; other tests in this process made it fp32."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
 
 
 def _tiny_recipe(out: Path, total_steps: int = 1, **train: object):  # type: ignore[no-untyped-def]
