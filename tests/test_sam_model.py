@@ -186,6 +186,30 @@ def test_dense_pe_is_computed_once_and_follows_its_buffer(tiny_sam: Sam) -> None
         copy.deepcopy(tiny_sam)
 
 
+def test_mask_decoder_memoises_the_image_layout_and_follows_in_place_changes(tiny_sam: Sam) -> None:
+    pe = tiny_sam.prompt_encoder
+    dec = tiny_sam.mask_decoder
+    with torch.no_grad():
+        batch = torch.randn(2, tiny_sam.embed_dim, *pe.image_embedding_size)
+        emb = batch[:1]
+        prompt = torch.randn(2, 1, tiny_sam.embed_dim)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(2, -1, *pe.image_embedding_size)
+        first = dec(emb, pe.get_dense_pe(), prompt, dense, False)[0]
+        memo = dec.__dict__["_image_memo"][2]
+        # The same image, sliced anew as the model does per query: laid out once.
+        assert dec(batch[:1], pe.get_dense_pe(), prompt, dense, False)[0].equal(first)
+        assert dec.__dict__["_image_memo"][2] is memo
+        dec(batch[1:], pe.get_dense_pe(), prompt, dense, False)  # another image: a new layout
+        assert dec.__dict__["_image_memo"][2] is not memo
+        dec(emb, pe.get_dense_pe(), prompt, dense, False)
+        batch.mul_(-1)  # in place, through the base: the memo must not serve the old layout
+        flipped = dec(emb, pe.get_dense_pe(), prompt, dense, False)[0]
+        fresh = copy.deepcopy(dec)
+        fresh.__dict__.pop("_image_memo")
+        torch.testing.assert_close(flipped, fresh(emb, pe.get_dense_pe(), prompt, dense, False)[0])
+        assert not torch.allclose(flipped, first)
+
+
 def test_training_mode_backpropagates() -> None:
     sam = build_sam("tiny_vit_t").train()
     out = sam.image_encoder(torch.randn(2, 3, 128, 128))

@@ -150,6 +150,27 @@ def test_mask_decoder_matches_meta(sa, multimask: bool) -> None:
     assert diff < TOL
 
 
+def test_mask_decoder_matches_meta_with_mask_prompts_and_per_prompt_images(sa) -> None:
+    """Dense prompts that vary over the map (mask inputs) and one image embedding per prompt take the
+    decoder's general layout path; both must agree with Meta's decoder too."""
+    ref_pe, ref_dec, _, ours_dec = _ref_decoder_parts(sa)
+    boxes = torch.tensor([[5.0, 6.0, 70.0, 90.0], [10.0, 3.0, 127.0, 100.0]])
+    masks_in = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        sparse, dense = ref_pe(None, boxes, masks_in)
+        pe = ref_pe.get_dense_pe()
+        shared = torch.randn(1, 32, 8, 8)
+        m1, i1 = ours_dec(shared, pe, sparse, dense, False)
+        m2, i2 = ref_dec(shared, pe, sparse, dense, False)
+        assert max(_max_diff(m1, m2), _max_diff(i1, i2)) < TOL
+        # Meta's decoder takes one image for all prompts: compare prompt by prompt.
+        per_prompt = torch.randn(2, 32, 8, 8)
+        m1, i1 = ours_dec(per_prompt, pe, sparse, dense, False)
+        for k in range(2):
+            m2, i2 = ref_dec(per_prompt[k : k + 1], pe, sparse[k : k + 1], dense[k : k + 1], False)
+            assert max(_max_diff(m1[k : k + 1], m2), _max_diff(i1[k : k + 1], i2)) < TOL, k
+
+
 def test_full_tiny_sam_matches_meta(sa) -> None:
     """The whole decode path of a tiny SAM vs Meta's Sam built from the same state dict."""
     from segment_anything.modeling import ImageEncoderViT as RefViT

@@ -45,6 +45,16 @@ def tensor_version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else int(t._version)
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
+
+
 def memoised(
     owner: nn.Module,
     slot: str,
@@ -53,12 +63,15 @@ def memoised(
     extra: Hashable = None,
 ) -> torch.Tensor:
     """``compute()``, kept on ``owner`` under ``slot`` for as long as ``source`` is the same, unchanged
-    tensor (identity and :func:`tensor_version`) and ``extra`` is equal; with autograd on it is always
-    recomputed and never stored. The memo holds plain references, so the module stays picklable."""
+    tensor and ``extra`` is equal; with autograd on it is always recomputed and never stored. "The
+    same" is the same object, or a view of the same memory with the same dtype, shape and strides
+    (``feats[i : i + 1]`` taken anew for every query); "unchanged" is :func:`tensor_version`, which
+    views share with their base. The memo keeps its source alive, so its address cannot be reused by
+    other data meanwhile. It holds plain references, so the module stays picklable."""
     key = (tensor_version(source), extra)
     memo = owner.__dict__.get(slot)
     grad = torch.is_grad_enabled()
-    if memo is not None and not grad and memo[0] is source and memo[1] == key:
+    if memo is not None and not grad and _same_view(memo[0], source) and memo[1] == key:
         return memo[2]
     value = compute()
     if not grad:
@@ -67,18 +80,23 @@ def memoised(
 
 
 def linear(
-    x: torch.Tensor, layer: nn.Linear, act: str = "none", residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    layer: nn.Linear | tuple[torch.Tensor, torch.Tensor],
+    act: str = "none",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(layer(x) + residual)`` for act in {"none", "gelu" (exact erf), "relu"}; [..., in] -> [..., out].
 
-    One oneDNN kernel when :func:`fusable`, the plain ops otherwise.
+    ``layer`` is an ``nn.Linear`` or its (weight [out, in], bias [out]). One oneDNN kernel when
+    :func:`fusable`, the plain ops otherwise.
     """
-    if fusable(x, layer.weight) and layer.bias is not None:
+    weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Module) else layer
+    if fusable(x, weight) and bias is not None:
         if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, act, [], "none")
-        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "none")
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     else:
-        y = layer(x)
+        y = layer(x) if isinstance(layer, nn.Module) else F.linear(x, weight, bias)
         if residual is not None:
             y = y + residual
     if act == "gelu":

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasonseg.model.sam.common import LayerNorm2d, memoised
+from reasonseg.model.sam.common import LayerNorm2d, linear, memoised
 from reasonseg.model.sam.transformer import TwoWayTransformer
 
 __all__ = ["MLP", "MaskDecoder"]
@@ -93,11 +93,11 @@ class MaskDecoder(nn.Module):
         Returns:
             low_res_masks [N, M, 4h, 4w] logits and iou_pred [N, M], M = 3 or 1.
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         sel = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sel], iou_pred[:, sel]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, sel
+        )
+        return masks, iou_pred[:, sel]
 
     def _pe_tokens(self, image_pe: torch.Tensor) -> torch.Tensor:
         """``image_pe`` [1, C, h, w] as tokens [1, h*w, C]; memoised for the same tensor (e.g. the
@@ -106,45 +106,58 @@ class MaskDecoder(nn.Module):
             raise ValueError(f"MaskDecoder: image_pe must have batch 1, got {tuple(image_pe.shape)}")
         return memoised(self, "_pe_memo", image_pe, lambda: image_pe.flatten(2).transpose(1, 2).contiguous())
 
+    def _src_tokens(self, image: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
+        """The image + dense prompt sum in token layout [n, h*w, C], the transformer's keys.
+
+        The image [1|n, C, h, w] is laid out as tokens once and memoised while the same tensor is
+        passed in with autograd off (follow-up queries on one image). A dense prompt that is one
+        vector per prompt broadcast over the map (``no_mask_embed``, as LISA passes it: zero spatial
+        strides) is added as [n, 1, C], a contiguous broadcast, instead of as a strided map.
+        """
+        _per_prompt(image, n, "image_embeddings")  # checks the batch
+        b, c, h, w = image.shape
+
+        def layout() -> torch.Tensor:
+            return image.flatten(2).transpose(1, 2).contiguous()
+
+        tokens = memoised(self, "_image_memo", image, layout) if b == 1 else layout()  # [1|n, h*w, C]
+        dense = torch.broadcast_to(dense, (dense.shape[0], c, h, w))
+        if dense.stride(2) == 0 and dense.stride(3) == 0:
+            src = tokens + dense[:, :, 0, 0].unsqueeze(1)
+        else:
+            src = (tokens + dense.flatten(2).transpose(1, 2)).contiguous()
+        return src if src.shape[0] == n else src.expand(n, -1, -1).contiguous()
+
     def predict_masks(
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        mask_slice: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` masks [N, K, 4h, 4w] and scores [N, K]; see ``forward``."""
+        """The masks [N, K', 4h, 4w] of the mask tokens in ``mask_slice`` (all ``num_mask_tokens`` by
+        default; only those are upscaled into masks) and the scores [N, K] of all; see ``forward``."""
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # [1+K, C]
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
 
-        image = _per_prompt(image_embeddings, n, "image_embeddings")
-        b, c, h, w = image.shape
-        # The image + dense prompt sum written straight in token layout [N, h*w, C] (one pass; the
-        # transformer would otherwise copy the NCHW sum into that layout), and the positional
-        # encoding's token layout kept for as long as the same encoding is passed in.
-        dense = torch.broadcast_to(dense_prompt_embeddings, (b, c, h, w))
-        if torch.is_grad_enabled() and (image.requires_grad or dense.requires_grad):
-            src = (image + dense).flatten(2).transpose(1, 2).contiguous()  # out= cannot be differentiated
-        else:
-            src = torch.empty(b, h * w, c, dtype=image.dtype, device=image.device)
-            torch.add(image.flatten(2).transpose(1, 2), dense.flatten(2).transpose(1, 2), out=src)
+        src = self._src_tokens(image_embeddings, dense_prompt_embeddings, n)  # [N, h*w, C]
+        c, h, w = image_embeddings.shape[1:]
         hs, src = self.transformer.forward_tokens(src, self._pe_tokens(image_pe), tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # [N, K, C]
 
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )  # [N, K, C/8]
+        )[:, mask_slice]  # [N, K', C/8]
         if _standard_upscaling(self.output_upscaling):
-            up = _upscale_channels_last(self.output_upscaling, src.reshape(b, h, w, c))  # [N, 4h, 4w, C/8]
-            uh, uw = up.shape[1:3]
-            masks = (hyper_in @ up.reshape(b, uh * uw, -1).transpose(1, 2)).view(b, -1, uh, uw)
+            masks = _upscaled_masks(self.output_upscaling, src, (h, w), hyper_in)
         else:
-            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # [N, C/8, 4h, 4w]
-            b, c8, uh, uw = upscaled.shape
-            masks = (hyper_in @ upscaled.reshape(b, c8, uh * uw)).view(b, -1, uh, uw)
+            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))  # [N, C/8, 4h, 4w]
+            _, c8, uh, uw = upscaled.shape
+            masks = (hyper_in @ upscaled.reshape(n, c8, uh * uw)).view(n, -1, uh, uw)
         return masks, self.iou_prediction_head(iou_token_out)
 
 
@@ -177,25 +190,36 @@ def _standard_upscaling(seq: nn.Sequential) -> bool:
     return convs_ok and gelus_ok and isinstance(ln, LayerNorm2d)
 
 
-def _conv_t2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """A stride-2, 2x2 transposed convolution on a channels-last map [N, h, w, Cin] -> [N, 2h, 2w, Cout].
+def _conv_t2x2(x: torch.Tensor, conv: nn.ConvTranspose2d, act: str = "none") -> torch.Tensor:
+    """A stride-2, 2x2 transposed convolution (+ exact GELU for ``act="gelu"``) on pixels as rows:
+    [P, Cin] -> [4P, Cout], each input pixel's 2x2 output block as 4 consecutive rows in (i, j) order.
 
-    Each input pixel writes its own 2x2 output block, so the layer is one matrix product
-    [N*h*w, Cin] x [Cin, 2*2*Cout] followed by a reshuffle: much faster on a CPU than the generic
-    transposed-convolution kernel, and it needs no NCHW<->NHWC copies.
+    Each input pixel writes its own 2x2 block, so the layer is one matrix product [P, Cin] x
+    [Cin, (i, j, Cout)]: much faster on a CPU than the generic transposed-convolution kernel.
     """
-    n, h, w, cin = x.shape
     cout = conv.out_channels
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # [Cin, (i, j, Cout)]
-    bias = conv.bias.repeat(4)  # type: ignore[union-attr]
-    y = torch.addmm(bias, x.reshape(n * h * w, cin), weight)  # [N*h*w, (i, j, Cout)]
-    y = y.view(n, h, w, 2, 2, cout).permute(0, 1, 3, 2, 4, 5)  # [N, h, i, w, j, Cout]
-    return y.reshape(n, 2 * h, 2 * w, cout)
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, conv.in_channels)  # [(i, j, Cout), Cin]
+    return linear(x, (weight, conv.bias.repeat(4)), act).view(-1, cout)  # type: ignore[union-attr]
 
 
-def _upscale_channels_last(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``output_upscaling`` on channels-last input [N, h, w, C] -> [N, 4h, 4w, C/8] (channels last)."""
+def _upscaled_masks(
+    seq: nn.Sequential, src: torch.Tensor, hw: tuple[int, int], hyper_in: torch.Tensor
+) -> torch.Tensor:
+    """SAM's ``output_upscaling`` on the image tokens src [N, h*w, C] and the product with the
+    hypernetwork outputs hyper_in [N, K, C/8] -> masks [N, K, 4h, 4w].
+
+    Every step up to the product works on one pixel at a time (both transposed convolutions write a
+    2x2 block per input pixel; LayerNorm2d and GELU are per pixel), so the pixels stay rows in the
+    order the convolutions emit them, (n, y, x, i, j, k, l), and only the K-channel masks are put in
+    image order at the end, rather than the 64- and 32-channel maps between the steps.
+    """
     c1, ln, _, c2, _ = seq
-    y = _conv_t2x2(x, c1)
+    n = src.shape[0]
+    h, w = hw
+    y = _conv_t2x2(src.reshape(-1, src.shape[-1]), c1)  # [N*h*w*4, C/4]
     y = F.gelu(F.layer_norm(y, (y.shape[-1],), ln.weight, ln.bias, ln.eps))
-    return F.gelu(_conv_t2x2(y, c2))
+    y = _conv_t2x2(y, c2, "gelu")  # [N*h*w*16, C/8]
+    masks = y.view(n, -1, y.shape[-1]) @ hyper_in.transpose(1, 2)  # [N, h*w*16, K]
+    k = masks.shape[-1]
+    masks = masks.view(n, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)  # [N, K, h, i, k, w, j, l]
+    return masks.reshape(n, k, 4 * h, 4 * w)
