@@ -90,6 +90,7 @@ def main() -> None:
     from reasonseg.data.transforms import load_image
     from reasonseg.inference.predictor import ReasonSegPredictor
     from reasonseg.model import LisaModel
+    from reasonseg.model.lisa import fork_cache
     from reasonseg.model.precision import dtype_name, resolve_dtype
     from reasonseg.serving.loading import BUILTIN_MODEL_DIR
 
@@ -139,7 +140,7 @@ def main() -> None:
         model.prefix_cache(prefix_ids, feats)
 
     def prefill_query() -> None:
-        cache = copy.deepcopy(prefix_cache)
+        cache = fork_cache(prefix_cache)
         model.mllm.run_decoder(model.mllm.embed(tail[None], None), mask_full, tail_pos, cache, True)
 
     guess = pred.model.answer_drafts()[2][: args.answer_tokens]  # "Sure, it is [SEG]." + end token
@@ -148,7 +149,7 @@ def main() -> None:
     guess_pos = torch.arange(plen, plen + guess_ids.shape[1])[None]
 
     def prefill_query_drafted() -> None:
-        cache = copy.deepcopy(prefix_cache)
+        cache = fork_cache(prefix_cache)
         h = model.mllm.run_decoder(model.mllm.embed(guess_ids, None), guess_mask, guess_pos, cache, True)
         model.mllm.lm_logits(h[:, -len(guess) - 1 :]).argmax(-1)
 

@@ -20,6 +20,7 @@ from reasonseg.data.conversation import Turn, encode_conversation
 from reasonseg.model import LisaConfig, LisaModel
 from reasonseg.model.config import PRESETS, ProjectorConfig
 from reasonseg.model.delta import DeltaError, apply_delta, compute_delta
+from reasonseg.model.lisa import fork_cache
 from reasonseg.model.mllm import positions_from_mask
 
 
@@ -296,6 +297,29 @@ def test_drafted_greedy_generate_equals_plain_greedy(trained, draft_texts: list[
         single = model.generate([prompts[one]], feats.select([one]), max_new_tokens=5, drafts=drafts)
         ref = model.generate([prompts[one]], feats.select([one]), max_new_tokens=5)
         _assert_same_generation(single, ref)
+
+
+def test_fork_cache_leaves_the_prefix_as_it_was() -> None:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(3):
+        cache.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), layer)
+    before = [(lay.keys.clone(), lay.values.clone()) for lay in cache.layers]
+    fork = fork_cache(cache)
+    assert all(f.keys is c.keys for f, c in zip(fork.layers, cache.layers, strict=True))  # shared, not copied
+    for layer in range(3):
+        fork.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), layer)
+    fork.crop(-1)
+    fork.batch_repeat_interleave(2)
+    assert fork.get_seq_length() == 7 and fork.layers[0].keys.shape[0] == 2
+    assert cache.get_seq_length() == 5
+    for lay, (k, v) in zip(cache.layers, before, strict=True):
+        assert lay.keys.shape[0] == 1 and torch.equal(lay.keys, k) and torch.equal(lay.values, v)
+    # Other cache types are deep-copied.
+    other = {"k": torch.zeros(2)}
+    copied = fork_cache(other)
+    assert copied is not other and copied["k"] is not other["k"]
 
 
 def test_drafts_work_with_a_prefix_cache_and_are_ignored_when_sampling(trained) -> None:

@@ -60,6 +60,10 @@ REJECT_ANSWERS: tuple[str, ...] = (
     "Sure, it is [REJ].",
 )
 VQA_IMAGE_FIRST = "{image}\n{text}"
+# Phrases that bring their own determiner: a template's "the {class_name}" drops its "the" for them.
+_DETERMINERS = tuple(
+    f"{w} " for w in ("the", "a", "an", "all", "every", "each", "any", "some", "this", "that", "these", "those")
+)
 
 
 def _pick(options: Sequence[str], rng: np.random.Generator | None) -> str:
@@ -85,8 +89,10 @@ def question(
         return _pick(EXPLAIN_QUESTIONS, rng).format(sent=text)
     if is_sentence:
         return _pick(LONG_QUESTIONS, rng).format(sent=text)
-    q = _pick(SHORT_QUESTIONS, rng).format(class_name=text)
-    return q.replace(" the the ", " the ")  # "segment the {class_name}" with a phrase "the cup"
+    template = _pick(SHORT_QUESTIONS, rng)
+    if text.lower().startswith(_DETERMINERS):  # "segment the {class_name}" with "the cup", "every dish"
+        template = template.replace("the {class_name}", "{class_name}")
+    return template.format(class_name=text)
 
 
 def answer(

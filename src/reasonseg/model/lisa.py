@@ -38,7 +38,7 @@ from reasonseg.model.outputs import GenerateOutput, ImageFeatures, LisaOutput, M
 from reasonseg.model.projector import Projector
 from reasonseg.model.vision_tower import build_vision_tower, sam_pixels_to_clip
 
-__all__ = ["BuildReport", "LisaModel", "load_tokenizer"]
+__all__ = ["BuildReport", "LisaModel", "fork_cache", "load_tokenizer"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -97,6 +97,34 @@ def _clean_hf_config(cfg: Any) -> dict[str, Any]:
     out["vocab_size"] = cfg.vocab_size
     return out
 
+
+def fork_cache(cache: Any) -> Any:
+    """A copy of a prompt prefix's keys/values that a next pass may extend while the original stays
+    as it is (the predictor's per-image prefix serves every follow-up question).
+
+    transformers' ``DynamicCache`` layers grow, crop and repeat by building new tensors, never in
+    place, so for those the copy shares the tensors and only copies the layer objects: microseconds
+    instead of a ``deepcopy`` of every tensor (4 ms a follow-up for SmolLM2-135M's 30 layers on
+    this CPU). Any other cache (static, sliding-window, offloaded) is deep-copied.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if (
+        type(cache) is DynamicCache
+        and not cache.offloading
+        and all(type(layer) is DynamicLayer for layer in cache.layers)
+    ):
+        fork = copy.copy(cache)
+        fork.layers = [copy.copy(layer) for layer in cache.layers]
+        return fork
+    return copy.deepcopy(cache)
+
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)``: the first maximum, as ``argmax``; ``max`` is faster on bf16 CPU logits
+    (0.7 against 1.8 ms for 6 rows of SmolLM2's 49k-token vocabulary)."""
+    return logits.max(dim=-1).indices
 
 @dataclass
 class BuildReport:
@@ -437,7 +465,7 @@ class LisaModel(nn.Module):
     ) -> torch.Tensor:
         """logits [B,V] -> token ids [B]."""
         if not do_sample:
-            return logits.argmax(dim=-1)
+            return _greedy(logits)
         logits = logits.float() / max(temperature, 1e-5)
         probs = torch.softmax(logits, dim=-1)
         if top_p < 1.0:
@@ -558,7 +586,7 @@ class LisaModel(nn.Module):
             if k == 0:
                 return hidden_tail[:, -1]
             d = torch.tensor(draft, device=self.device)
-            agree = (self.mllm.lm_logits(hidden_tail[:, :k]).argmax(-1) == d).long().cumprod(1).sum(1)
+            agree = (_greedy(self.mllm.lm_logits(hidden_tail[:, :k])) == d).long().cumprod(1).sum(1)
             j = int(agree[~finished].min())
             for i in range(j):
                 emit(d[i].expand(b), hidden_tail[:, i])
@@ -578,7 +606,7 @@ class LisaModel(nn.Module):
         cache = None
         if use_cache:
             if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache[0])
+                cache = fork_cache(prefix_cache[0])
                 if b > 1:
                     cache.batch_repeat_interleave(b)
                 pos = positions_from_mask(mask)
@@ -699,7 +727,7 @@ class LisaModel(nn.Module):
         mask = torch.ones_like(ids)
         s = 0
         if start is not None:
-            cache, s = copy.deepcopy(start[0]), int(start[1])
+            cache, s = fork_cache(start[0]), int(start[1])
             if not 0 < s < ids.shape[1]:
                 raise ValueError(f"prefix_cache: start covers {s} tokens of a {ids.shape[1]}-token prefix")
         else:
