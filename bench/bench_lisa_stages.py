@@ -19,6 +19,9 @@ skimage's coffee photo. Stages:
 * ``LM prefill, query + N-token draft``: the question and a guessed N-token answer in one pass, and
   the LM head on the guess: what a follow-up costs in the LM when the guess holds (speculative
   decoding from answer drafts, ``LisaModel.generate(drafts=...)``, the predictor's default).
+* ``LM prefill, image + query + N-token draft``: a first query's single LM pass: the image tokens,
+  the question and the guess after the cached text before the image (the predictor keeps the image
+  prefix's keys/values from this pass for the follow-ups).
 * ``mask decode``: LISA head + SAM prompt/mask decoder for one ``[SEG]``.
 * ``postprocess``: low-res logits -> original-size logits, masks, scores (``ReasonSegPredictor``).
 * ``--int8``: the decode step and the follow-up again with ``quantization="cpu-int8"`` (torch dynamic
@@ -30,7 +33,8 @@ Composed rows: a first query = preprocess + encode + both prefills + N decode st
 postprocess; a follow-up on the cached image = query prefill + N decode steps + mask decode +
 postprocess, for an N-token answer (``--answer-tokens``, 8 by default: ``Sure, it is [SEG].`` plus the
 end token is 8 SmolLM2 tokens), decoded token by token; the drafted follow-up replaces the query
-prefill and the N decode steps by the drafted pass. End-to-end rows time ``set_image`` + ``predict``
+prefill and the N decode steps by the drafted pass, and the drafted first query both prefills by the
+single first-query pass. End-to-end rows time ``set_image`` + ``predict``
 and ``predict`` alone with the model's own greedy answer capped at N tokens, stop tokens kept, with
 the predictor's answer drafts (default) and token by token (``draft_answers=False``).
 """
@@ -153,6 +157,19 @@ def main() -> None:
         h = model.mllm.run_decoder(model.mllm.embed(guess_ids, None), guess_mask, guess_pos, cache, True)
         model.mllm.lm_logits(h[:, -len(guess) - 1 :]).argmax(-1)
 
+    assert pred._text_head is not None
+    head_cache, hlen = pred._text_head[1], pred._text_head[2]
+    first_ids = torch.cat([ids[hlen:], torch.tensor(guess)])[None]
+    first_mask = torch.ones(1, hlen + first_ids.shape[1], dtype=torch.long)
+    first_pos = torch.arange(hlen, hlen + first_ids.shape[1])[None]
+
+    def prefill_first_drafted() -> None:
+        # A first query's single pass: image tokens, question and guess after the cached system prompt.
+        cache = fork_cache(head_cache)
+        embeds = model.mllm.embed(first_ids, feats.vision_tokens)
+        h = model.mllm.run_decoder(embeds, first_mask, first_pos, cache, True)
+        model.mllm.lm_logits(h[:, -len(guess) - 1 :]).argmax(-1)
+
     def decode_step() -> None:
         # One step on a cache holding the prompt; cropped back so its length stays fixed.
         mask = torch.ones(1, step_len + 1, dtype=torch.long)
@@ -213,6 +230,7 @@ def main() -> None:
         "LM prefill, query": prefill_query,
         "decode, per token": decode_step,
         f"LM prefill, query + {len(guess)}-token draft": prefill_query_drafted,
+        f"LM prefill, image + query + {len(guess)}-token draft": prefill_first_drafted,
         "mask decode": mask_decode,
         "postprocess": postprocess,
         "end-to-end first query": first_query,
@@ -271,7 +289,13 @@ def main() -> None:
     follow = med["LM prefill, query"] + n * med["decode, per token"] + med["mask decode"] + med["postprocess"]
     first = med["preprocess"] + med["encode"] + med["LM prefill, image prefix"] + follow
     drafted = med[f"LM prefill, query + {len(guess)}-token draft"] + med["mask decode"] + med["postprocess"]
-    first_drafted = med["preprocess"] + med["encode"] + med["LM prefill, image prefix"] + drafted
+    first_drafted = (
+        med["preprocess"]
+        + med["encode"]
+        + med[f"LM prefill, image + query + {len(guess)}-token draft"]
+        + med["mask decode"]
+        + med["postprocess"]
+    )
     enc = med["image encoder alone"]
     answer_len = len(model.tokenizer(answers[-1]).input_ids) if answers else 0
 

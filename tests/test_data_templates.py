@@ -13,7 +13,9 @@ def test_questions() -> None:
     # Phrases with their own determiner or quantifier do not get a second one.
     assert T.question("every dish", is_sentence=False) == "Can you segment every dish in this image?"
     assert T.question("All the fruits", is_sentence=False) == "Can you segment All the fruits in this image?"
-    assert T.question("theatre seats", is_sentence=False) == "Can you segment the theatre seats in this image?"
+    assert (
+        T.question("theatre seats", is_sentence=False) == "Can you segment the theatre seats in this image?"
+    )
     assert (
         T.question("What cuts paper?", is_sentence=True)
         == "What cuts paper? Please respond with segmentation mask."

@@ -146,3 +146,42 @@ def test_predict_runs_in_inference_mode_and_set_image_keeps_trainable_features(m
     assert pred._features is not None and not pred._features.sam_embeddings.is_inference()
     pred.predict("What?")
     assert pred._prefix is not None and pred._prefix[0].is_inference()
+
+
+def test_a_first_predict_runs_the_image_and_the_question_in_one_pass(model: LisaModel) -> None:
+    """A first query prefills the image tokens with the question (one LM pass after the text before
+    the image), keeps the image prefix cut from that pass, and every answer stays that of a predictor
+    without any cache."""
+    pred = _predictor(model)
+    lengths: list[int] = []
+    prefixes: list[int] = []
+    real_prefix, real_run = model.prefix_cache, model.mllm.run_decoder
+
+    def spy_prefix(*a, **k):  # type: ignore[no-untyped-def]
+        prefixes.append(1)
+        return real_prefix(*a, **k)
+
+    def spy_run(embeds, *a, **k):  # type: ignore[no-untyped-def]
+        lengths.append(int(embeds.shape[1]))
+        return real_run(embeds, *a, **k)
+
+    model.prefix_cache, model.mllm.run_decoder = spy_prefix, spy_run  # type: ignore[method-assign]
+    try:
+        first = pred.predict(QUESTIONS[0])
+        first_lengths = list(lengths)
+        second = pred.predict(QUESTIONS[2])
+    finally:
+        del model.prefix_cache, model.mllm.run_decoder
+    ids = prompt_ids(model, QUESTIONS[0])
+    head = int((ids == model.image_token_id).nonzero()[0])
+    assert len(prefixes) == 1  # only the text before the image, on its own
+    assert first_lengths[0] == head and first_lengths[1] >= len(ids) - head  # image + question in one
+    assert pred._prefix is not None
+    plen = pred._prefix[2]
+    assert int(pred._prefix[1].get_seq_length()) == plen < len(ids)
+    # The follow-up starts from the kept image prefix: its first pass is the question's own tokens.
+    assert lengths[len(first_lengths)] >= len(prompt_ids(model, QUESTIONS[2])) - plen
+    assert lengths[len(first_lengths)] < len(prompt_ids(model, QUESTIONS[2])) - head
+    for got, q in ((first, QUESTIONS[0]), (second, QUESTIONS[2])):
+        ref = _predictor(model, cache_prefix=False).predict(q)
+        assert got.text == ref.text and np.array_equal(got.masks, ref.masks), q

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from reasonseg.data.transforms import (
@@ -179,3 +180,14 @@ def test_postprocess_masks_crops_the_padding() -> None:
     assert out.shape == (1, 1, 10, 20)
     mask = out[0, 0] > 0
     assert mask[:, :2].all() and not mask[:, 8:].any()
+
+
+@pytest.mark.parametrize("resized_hw", [(768, 1024), (1024, 576), (1024, 1024), (683, 1024), (1, 1024)])
+def test_postprocess_masks_upsamples_only_the_content_bit_identically(resized_hw: tuple[int, int]) -> None:
+    """Upsampling only the low-res rows/columns under the content gives exactly the pixels of Meta's
+    full 1024x1024 upsampling followed by the crop."""
+    low = torch.randn(2, 1, 256, 256)
+    full = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
+    full = full[..., : resized_hw[0], : resized_hw[1]]
+    expected = F.interpolate(full, (300, 400), mode="bilinear", align_corners=False)
+    assert torch.equal(postprocess_masks(low, resized_hw, (300, 400), 1024), expected)

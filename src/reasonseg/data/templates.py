@@ -62,7 +62,8 @@ REJECT_ANSWERS: tuple[str, ...] = (
 VQA_IMAGE_FIRST = "{image}\n{text}"
 # Phrases that bring their own determiner: a template's "the {class_name}" drops its "the" for them.
 _DETERMINERS = tuple(
-    f"{w} " for w in ("the", "a", "an", "all", "every", "each", "any", "some", "this", "that", "these", "those")
+    f"{w} "
+    for w in ("the", "a", "an", "all", "every", "each", "any", "some", "this", "that", "these", "those")
 )
 
 

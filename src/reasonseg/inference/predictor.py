@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from reasonseg.data.conversation import Turn, encode_conversation
-from reasonseg.model.lisa import LisaModel
+from reasonseg.model.lisa import LisaModel, fork_cache
 from reasonseg.model.outputs import ImageFeatures, MaskPrediction, TargetKind
 
 __all__ = ["Prediction", "ReasonSegPredictor", "Target", "target_labels"]
@@ -149,6 +149,7 @@ class ReasonSegPredictor:
         self._text_head: tuple[torch.Tensor, Any, int] | None = None
         self._conversation: tuple[Any, torch.Tensor] | None = None  # the last answer's keys/values, ids
         self._recent: list[list[int]] = []  # token ids of the latest distinct answers, newest first
+        self._pending_prefix: torch.Tensor | None = None  # an image prefix the current pass computes
 
     # ------------------------------------------------------------------------------------------- image
 
@@ -193,9 +194,16 @@ class ReasonSegPredictor:
         )
         return turns, enc.input_ids
 
-    def _prefix_for(self, ids: torch.Tensor) -> tuple[Any, int] | None:
+    def _prefix_for(self, ids: torch.Tensor, *, defer: bool = False) -> tuple[Any, int] | None:
         """The cached keys/values of ``ids``' prefix up to the image tokens (and the token after
-        them when it is the template's image-end token); computed on first use."""
+        them when it is the template's image-end token).
+
+        Computed on first use; with ``defer`` a missing image prefix is not computed here: the
+        text-before-the-image prefix (or None) is returned, the caller's single LM pass runs the
+        image tokens together with the question, and :meth:`_keep_image_prefix` takes the image
+        prefix from that pass's keys/values (one LM pass for a first query instead of two).
+        """
+        self._pending_prefix = None
         if not self.cache_prefix:
             return None
         conv = self._conversation
@@ -223,9 +231,24 @@ class ReasonSegPredictor:
                 if self._text_head is None or not torch.equal(self._text_head[0], head):
                     self._text_head = (head, *self.model.prefix_cache(head, None))
                 start = (self._text_head[1], self._text_head[2])
+            if defer:
+                self._pending_prefix = prefix
+                return start
             cache, plen = self.model.prefix_cache(prefix, self._features, start=start)
             self._prefix = (prefix, cache, plen)
         return self._prefix[1], self._prefix[2]
+
+    def _keep_image_prefix(self, conversation: tuple[Any, torch.Tensor] | None) -> None:
+        """After a deferred :meth:`_prefix_for`: the image prefix's keys/values, cut from the pass's."""
+        prefix, self._pending_prefix = self._pending_prefix, None
+        if prefix is None or conversation is None:
+            return
+        cache, conv_ids = conversation
+        if len(conv_ids) < len(prefix) or not torch.equal(conv_ids[: len(prefix)], prefix):
+            return  # not this prefix's pass: computed on the next query instead
+        kept = fork_cache(cache)
+        kept.crop(len(prefix) - int(kept.get_seq_length()))  # negative: drop the question and answer
+        self._prefix = (prefix, kept, len(prefix))
 
     @torch.inference_mode()
     def predict(
@@ -250,7 +273,7 @@ class ReasonSegPredictor:
         """
         self._require_image()
         turns, ids = self._prompt(instruction, history)
-        prefix = self._prefix_for(ids)
+        prefix = self._prefix_for(ids, defer=True)
         out = self.model.generate(
             [ids],
             self._features,
@@ -265,6 +288,7 @@ class ReasonSegPredictor:
         assert out.masks is not None
         self._remember(out.sequences)
         if self.cache_prefix and out.cache is not None:
+            self._keep_image_prefix(out.cache)
             self._conversation = out.cache
         return self._prediction(out.texts[0], out.masks[0], turns, return_logits)
 

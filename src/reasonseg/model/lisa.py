@@ -120,11 +120,11 @@ def fork_cache(cache: Any) -> Any:
     return copy.deepcopy(cache)
 
 
-
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)``: the first maximum, as ``argmax``; ``max`` is faster on bf16 CPU logits
     (0.7 against 1.8 ms for 6 rows of SmolLM2's 49k-token vocabulary)."""
     return logits.max(dim=-1).indices
+
 
 @dataclass
 class BuildReport:
@@ -506,7 +506,8 @@ class LisaModel(nn.Module):
                 the slow reference the cached path is tested against.
             decode_masks: run the mask decoder on the captured slot embeddings.
             prefix_cache: ``(cache, P)``: the keys/values of a batch-1 prefix of P tokens that every
-                prompt starts with (e.g. system prompt + image tokens, from :meth:`prefix_cache`); a
+                prompt starts with (e.g. system prompt + image tokens, from :meth:`prefix_cache`, or
+                the text before the image alone: the image tokens then run with the rest); a
                 ``transformers`` ``Cache``, left untouched (a copy, repeated per prompt, is extended).
                 Each prompt's remaining tokens are left-padded after the prefix, so the prefix is
                 computed once for the whole batch.
@@ -610,8 +611,11 @@ class LisaModel(nn.Module):
                 if b > 1:
                     cache.batch_repeat_interleave(b)
                 pos = positions_from_mask(mask)
-                # Only the tokens after the prefix are embedded (they hold no image placeholders).
-                rest = self.mllm.embed(ids[:, plen:], None)
+                # Only the tokens after the prefix are embedded; they hold the image placeholders
+                # when the prefix ends before the image (e.g. the system prompt alone).
+                rest_ids = ids[:, plen:]
+                has_image = bool((rest_ids == self.mllm.image_token_id).any())
+                rest = self.mllm.embed(rest_ids, vision if has_image else None)
                 hidden = self.mllm.run_decoder(rest, mask, pos[:, plen:], cache, True)
             else:
                 cache = DynamicCache(config=self.mllm.lm.config)
