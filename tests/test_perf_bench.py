@@ -46,3 +46,20 @@ def test_random_lisa7b_tiny_has_the_preset_layout() -> None:
     model = bench_gpu_lisa7b.build_random_lisa7b(True, torch.device("cpu"), torch.float32)
     assert model.config.name == "lisa-7b-v1" and model.config.vision.kind == "clip"
     assert model.config.template == "llava_v1" and model.sam.image_encoder is not None
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+def test_bench_commits_compares_two_revisions_side_by_side() -> None:
+    """Two checkouts of HEAD run the same measurement at once: every row, both answers, no leftovers."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "bench_commits.py"
+    cmd = [sys.executable, str(script), "--base", "HEAD", "--new", "HEAD", "--repeats", "1", "--firsts", "1"]
+    out = subprocess.run([*cmd, "--no-append"], capture_output=True, text=True, timeout=600, check=True).stdout
+    for row in ("follow-up, cached image", "first query (set_image + predict)", "of which predict"):
+        assert row in out
+    assert "answers: base 'It is [SEG].', new 'It is [SEG].'" in out
+    trees = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True)
+    assert "bench-commits-" not in trees.stdout  # the temporary checkouts are removed
