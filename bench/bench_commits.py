@@ -5,26 +5,25 @@
 
 Absolute times on a shared machine drift by up to 1.5x within an hour, so figures taken in separate
 runs cannot show what a change gained. This script checks out ``--base`` (and ``--new``, default: the
-working tree) as temporary git worktrees and runs the same measurement for both **at the same time**,
-each process pinned to its own core (``taskset``) with ``--threads`` torch threads: both see the same
-machine state. On a machine with fewer than two cores they run one after the other.
+working tree) as temporary git worktrees and starts one worker process per revision. Once both have
+loaded the model and answered one untimed query, the script asks them in turn for one timed query
+each, ``--repeats`` rounds (the interleaving of ``common.time_interleaved``, across processes): only
+one works at a time, and slow phases of the machine hit both alike.
 
-Each process loads ``models/lisa-mobile-synth`` of *this* checkout (the same weights for both), in
-``--dtype`` (auto: bf16 where the CPU has AMX / AVX-512 BF16), on skimage's coffee photo, with one
-untimed query, then times:
+Each worker loads ``models/lisa-mobile-synth`` of *this* checkout (the same weights for both), in
+``--dtype`` (auto: bf16 where the CPU has AMX / AVX-512 BF16) with ``--threads`` torch threads, on
+skimage's coffee photo, and times:
 
 * ``follow-up``: ``predict`` of the same question on the cached image (median of ``--repeats``);
 * ``first query``: ``set_image`` + ``predict`` (median of ``--firsts``), and ``of which predict``.
-
-The two processes share the memory bus, so both run slower than alone; the ratio is the figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,8 @@ QUESTION = "Can you segment the cup in this image?"
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Runs inside one revision's checkout (its ``src`` first on ``sys.path``); prints one JSON line."""
+    """Runs inside one revision's checkout (its ``src`` first on ``sys.path``). Prints ``ready``, then
+    answers each ``follow`` / ``first`` line on stdin with one JSON line of seconds; ``quit`` ends."""
     import time
 
     import skimage.data
@@ -53,22 +53,22 @@ def worker(args: argparse.Namespace) -> None:
     pred = ReasonSegPredictor(model, max_new_tokens=8)
     image = skimage.data.coffee()
     pred.set_image(image)
-    answer = pred.predict(QUESTION).text
-    follow, first, first_predict = [], [], []
-    for _ in range(args.repeats):
+    print(json.dumps({"ready": pred.predict(QUESTION).text}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
         t0 = time.perf_counter()
-        pred.predict(QUESTION)
-        follow.append(time.perf_counter() - t0)
-    for _ in range(args.firsts):
-        t0 = time.perf_counter()
-        pred.set_image(image)
-        t1 = time.perf_counter()
-        pred.predict(QUESTION)
-        t2 = time.perf_counter()
-        first.append(t2 - t0)
-        first_predict.append(t2 - t1)
-    out = {"follow": follow, "first": first, "first_predict": first_predict, "answer": answer}
-    print(json.dumps(out))
+        if cmd == "follow":
+            pred.predict(QUESTION)
+            out = {"follow": time.perf_counter() - t0}
+        elif cmd == "first":
+            pred.set_image(image)
+            t1 = time.perf_counter()
+            pred.predict(QUESTION)
+            t2 = time.perf_counter()
+            out = {"first": t2 - t0, "first_predict": t2 - t1}
+        else:
+            return
+        print(json.dumps(out), flush=True)
 
 
 def _checkout(rev: str, path: Path) -> Path:
@@ -79,35 +79,59 @@ def _checkout(rev: str, path: Path) -> Path:
     return path
 
 
-def _command(core: int | None, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--dtype", args.dtype]
-    cmd += ["--repeats", str(args.repeats), "--firsts", str(args.firsts)]
-    if core is not None and shutil.which("taskset"):
-        cmd = ["taskset", "-c", str(core), *cmd]
-    return cmd
+class _Worker:
+    """One revision's worker process: ``ask`` sends a command and returns its JSON answer."""
 
-
-def _run(cmds: dict[str, tuple[list[str], Path]], together: bool) -> dict[str, dict]:
-    """Run each (command, checkout) and parse its JSON line; all at once when ``together``."""
-
-    def start(cmd: list[str], tree: Path) -> subprocess.Popen:
+    def __init__(self, name: str, tree: Path, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, __file__, "--worker", "--threads", str(args.threads), "--dtype", args.dtype]
         # The revision's package first on the path, ahead of the installed (editable) one.
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(tree / "src"),
-            "OMP_NUM_THREADS": str(cmd[cmd.index("--threads") + 1]),
-        }
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(args.threads)}
+        self.name = name
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.answer = self._read()["ready"]
 
-    results: dict[str, dict] = {}
-    procs = {name: start(*c) for name, c in cmds.items()} if together else {}
-    for name, c in cmds.items():
-        proc = procs.get(name) or start(*c)
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"bench_commits: the {name} run failed (exit {proc.returncode}):\n{err[-3000:]}")
-        results[name] = json.loads(out.strip().splitlines()[-1])
-    return results
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise SystemExit(f"bench_commits: the {self.name} worker failed:\n{err[-3000:]}")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError, subprocess.TimeoutExpired):
+                self.proc.communicate("quit\n", timeout=60)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _measure(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, dict]:
+    workers: dict[str, _Worker] = {}
+    try:
+        for name, tree in trees.items():
+            workers[name] = _Worker(name, tree, args)
+        res: dict[str, dict] = {n: {"follow": [], "first": [], "first_predict": []} for n in workers}
+        for cmd, rounds in (("follow", args.repeats), ("first", args.firsts)):
+            for _ in range(rounds):
+                for name, w in workers.items():
+                    for key, value in w.ask(cmd).items():
+                        res[name][key].append(value)
+        for name, w in workers.items():
+            res[name]["answer"] = w.answer
+        return res
+    finally:
+        for w in workers.values():
+            w.close()
 
 
 def main() -> None:
@@ -130,17 +154,12 @@ def main() -> None:
         ap.error("--repeats, --firsts and --threads must be >= 1")
     if not (REPO_ROOT / "models" / "lisa-mobile-synth" / "config.json").is_file():
         raise SystemExit("bench_commits: models/lisa-mobile-synth is missing in this checkout")
-    together = (os.cpu_count() or 1) >= 2
     with tempfile.TemporaryDirectory(prefix="bench-commits-") as tmp:
         trees: dict[str, Path] = {}
         try:
             trees["base"] = _checkout(args.base, Path(tmp) / "base")
             trees["new"] = _checkout(args.new, Path(tmp) / "new") if args.new else REPO_ROOT
-            cmds = {
-                name: (_command(i if together else None, args), tree)
-                for i, (name, tree) in enumerate(trees.items())
-            }
-            res = _run(cmds, together)
+            res = _measure(trees, args)
         finally:
             for path in trees.values():
                 if path != REPO_ROOT:
@@ -158,9 +177,8 @@ def main() -> None:
     new_name = args.new or "working tree"
     table = format_table(["median ms", f"base {args.base}", f"new {new_name}", "base / new"], rows)
     notes = [
-        f"{args.threads} torch thread(s) per process, --dtype {args.dtype}; "
-        + ("both processes at once, one core each" if together else "one process after the other")
-        + f"; follow-up median of {args.repeats}, first query median of {args.firsts}",
+        f"{args.threads} torch thread(s), --dtype {args.dtype}; one worker process per revision, asked in "
+        f"turn (one query at a time); follow-up median of {args.repeats}, first query median of {args.firsts}",
         f"answers: base {res['base']['answer']!r}, new {res['new']['answer']!r}",
     ]
     print(table)
