@@ -134,6 +134,17 @@ def _measure(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, dict
             w.close()
 
 
+def _describe_working_tree() -> str:
+    git = ["git", "-C", str(REPO_ROOT)]
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return f"working tree ({head}{' + changes' if dirty.stdout.strip() else ''})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", help="the reference revision (a commit, tag or branch)")
@@ -150,6 +161,9 @@ def main() -> None:
         return
     if not args.base:
         ap.error("--base REV is required")
+    import torch
+
+    torch.set_num_threads(args.threads)  # as the workers: the machine line of BENCHMARKS.md shows it
     if args.repeats < 1 or args.firsts < 1 or args.threads < 1:
         ap.error("--repeats, --firsts and --threads must be >= 1")
     if not (REPO_ROOT / "models" / "lisa-mobile-synth" / "config.json").is_file():
@@ -174,7 +188,7 @@ def main() -> None:
     ):
         b, n = median(res["base"][key]) * 1000, median(res["new"][key]) * 1000
         rows.append([label, f"{b:.1f}", f"{n:.1f}", f"{b / n:.2f}"])
-    new_name = args.new or "working tree"
+    new_name = args.new or _describe_working_tree()
     table = format_table(["median ms", f"base {args.base}", f"new {new_name}", "base / new"], rows)
     notes = [
         f"{args.threads} torch thread(s), --dtype {args.dtype}; one worker process per revision, asked in "
