@@ -57,7 +57,9 @@ def test_bench_commits_compares_two_revisions_side_by_side() -> None:
     root = Path(__file__).resolve().parents[1]
     script = root / "bench" / "bench_commits.py"
     cmd = [sys.executable, str(script), "--base", "HEAD", "--new", "HEAD", "--repeats", "1", "--firsts", "1"]
-    out = subprocess.run([*cmd, "--no-append"], capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run(
+        [*cmd, "--no-append"], capture_output=True, text=True, timeout=600, check=True
+    ).stdout
     for row in ("follow-up, cached image", "first query (set_image + predict)", "of which predict"):
         assert row in out
     assert "answers: base 'It is [SEG].', new 'It is [SEG].'" in out

@@ -185,3 +185,65 @@ def test_a_first_predict_runs_the_image_and_the_question_in_one_pass(model: Lisa
     for got, q in ((first, QUESTIONS[0]), (second, QUESTIONS[2])):
         ref = _predictor(model, cache_prefix=False).predict(q)
         assert got.text == ref.text and np.array_equal(got.masks, ref.masks), q
+
+
+def test_predict_many_answers_questions_on_several_images_in_one_batch(model: LisaModel) -> None:
+    """Prompts on different images, each from its own cached image prefix (stacked into one batch),
+    give every predictor's own one-turn answer and masks."""
+    other = (np.random.default_rng(2).random((90, 60, 3)) * 255).astype(np.uint8)
+    a = _predictor(model)
+    b = ReasonSegPredictor(model, max_new_tokens=12)
+    b.set_image(other)
+    calls: list[tuple[int, int]] = []
+    real_run = model.mllm.run_decoder
+
+    def spy_run(embeds, *args, **kw):  # type: ignore[no-untyped-def]
+        calls.append((int(embeds.shape[0]), int(embeds.shape[1])))
+        return real_run(embeds, *args, **kw)
+
+    a.predict(QUESTIONS[1])  # a's image prefix is cached from its first query; b's is computed below
+    model.mllm.run_decoder = spy_run  # type: ignore[method-assign]
+    try:
+        got = ReasonSegPredictor.predict_many([a, b, a], [QUESTIONS[0], QUESTIONS[2], QUESTIONS[2]])
+    finally:
+        del model.mllm.run_decoder
+    # b's image prefix on its own (batch 1), then the three prompts as one batch that starts after
+    # the image prefixes: no batched call runs the image tokens again.
+    plen = a._prefix[2]  # type: ignore[index]
+    batched = [n for rows, n in calls if rows == 3]
+    assert (
+        batched and max(batched) <= max(len(prompt_ids(model, q)) for q in QUESTIONS) - plen + 16
+    )  # + a draft
+    assert all(rows == 1 for rows, _ in calls[: len(calls) - len(batched)])
+    assert b._prefix is not None and b._prefix[2] == plen
+    asked = [QUESTIONS[0], QUESTIONS[2], QUESTIONS[2]]
+    for image, q, g in zip((_image(), other, _image()), asked, got, strict=True):
+        ref = ReasonSegPredictor(model, max_new_tokens=12, cache_prefix=False)
+        ref.set_image(image)
+        r = ref.predict(q)
+        assert g.text == r.text and np.array_equal(g.masks, r.masks), q
+        assert g.masks.shape[1:] == image.shape[:2]
+    with pytest.raises(ValueError, match="2 predictors for 1 instructions"):
+        ReasonSegPredictor.predict_many([a, b], ["?"])
+
+
+def test_stack_caches_and_per_prompt_prefixes_are_checked(model: LisaModel) -> None:
+    from transformers import DynamicCache
+
+    from reasonseg.model.lisa import stack_caches
+
+    one, two = DynamicCache(), DynamicCache()
+    one.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    two.update(torch.ones(1, 2, 4, 4), torch.ones(1, 2, 4, 4), 0)
+    with pytest.raises(ValueError, match="differ in layer count or length"):
+        stack_caches([one, two])
+    with pytest.raises(TypeError, match="only DynamicCache"):
+        stack_caches([one, {"k": 1}])
+    stacked = stack_caches([one, one])
+    assert stacked.layers[0].keys.shape == (2, 2, 3, 4) and one.layers[0].keys.shape[0] == 1
+    pred = _predictor(model)
+    ids = prompt_ids(model, "What?")
+    cache, plen = pred._prefix_for(ids)  # type: ignore[misc]
+    three = stack_caches([cache, cache, cache])
+    with pytest.raises(ValueError, match="3 rows for 2 prompts"):
+        model.generate([ids, ids], pred._features.select([0, 0]), prefix_cache=(three, plen))  # type: ignore[union-attr]

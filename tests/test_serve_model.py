@@ -103,6 +103,37 @@ def test_concurrent_requests_on_one_image_share_a_batch(tiny_model) -> None:  # 
     assert CountingPredictor.encodes == 1 and max(r.json()["batch_size"] for r in rs) > 1
 
 
+def test_engine_answers_single_turn_requests_on_several_images_in_one_decode(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """One batch with requests on two images (and a multi-turn one): the single-turn ones go through one
+    predict_many decode across both images, each answered as its own predictor would, and each image's
+    encode time is charged to one request only."""
+    from reasonseg.serving.engine import SegmentEngine, SegmentJob
+
+    CountingPredictor.encodes = 0
+    engine = SegmentEngine(lambda: CountingPredictor(tiny_model, max_new_tokens=6), cache_bytes=10**9)
+    imgs = {"a": make_image(), "b": np.ascontiguousarray(make_image()[::-1, ::-1])}
+    jobs = [
+        SegmentJob(imgs["a"], "a", "Where is the cat?"),
+        SegmentJob(imgs["b"], "b", "Segment the red thing."),
+        SegmentJob(
+            imgs["a"], "a", "And the dog?", history=[("user", "Where is the cat?"), ("assistant", "It is.")]
+        ),
+        SegmentJob(imgs["b"], "b", "What could I eat here?"),
+    ]
+    results = engine.run(jobs)
+    assert CountingPredictor.encodes == 2
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert [r.batch_size for r in results] == [3, 3, 1, 3]  # type: ignore[union-attr]
+    assert sum(r.encode_s > 0 for r in results) == 2  # type: ignore[union-attr]
+    for job, r in zip(jobs, results, strict=True):
+        ref = ReasonSegPredictor(tiny_model, max_new_tokens=6, cache_prefix=False)
+        ref.set_image(job.image)
+        turns = [type(r.prediction.history[0])(role, text) for role, text in job.history]  # type: ignore[union-attr]
+        expected = ref.predict(job.instruction, history=turns or None)
+        assert r.prediction.text == expected.text  # type: ignore[union-attr]
+        assert np.array_equal(r.prediction.masks, expected.masks), job.instruction  # type: ignore[union-attr]
+
+
 def test_segment_command_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["segment", str(EXAMPLE), "where is the cup?", "--model", "lisa-mobile", "--tiny",
                  "--max-new-tokens", "4", "--quiet", "--out", str(tmp_path)])  # fmt: skip

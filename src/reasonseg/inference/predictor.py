@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from reasonseg.data.conversation import Turn, encode_conversation
-from reasonseg.model.lisa import LisaModel, fork_cache
+from reasonseg.model.lisa import LisaModel, fork_cache, stack_caches
 from reasonseg.model.outputs import ImageFeatures, MaskPrediction, TargetKind
 
 __all__ = ["Prediction", "ReasonSegPredictor", "Target", "target_labels"]
@@ -332,6 +332,60 @@ class ReasonSegPredictor:
             self._prediction(text, masks, turns, return_logits)
             for text, masks, (turns, _) in zip(out.texts, out.masks, prompts, strict=True)
         ]
+
+    @staticmethod
+    @torch.inference_mode()
+    def predict_many(
+        predictors: Sequence[ReasonSegPredictor],
+        instructions: Sequence[str],
+        *,
+        max_new_tokens: int | None = None,
+        return_logits: bool = False,
+    ) -> list[Prediction]:
+        """Answer ``instructions[i]`` about the image of ``predictors[i]`` in one batched greedy decode.
+
+        The predictors share one model and each holds an image (the same predictor may appear
+        several times). Every prompt starts from its own image's cached prefix (computed first where
+        missing), stacked into one batch (:func:`~reasonseg.model.lisa.stack_caches`), so questions on
+        different images cost one LM pass together, as :meth:`predict_batch` does for one image. The
+        answers and masks are each predictor's own :meth:`predict` ones, one turn, greedy.
+        """
+        if len(predictors) != len(instructions):
+            raise ValueError(f"{len(predictors)} predictors for {len(instructions)} instructions")
+        if not predictors:
+            return []
+        model = predictors[0].model
+        if any(p.model is not model for p in predictors):
+            raise ValueError("predict_many: the predictors must share one model")
+        for p in predictors:
+            p._require_image()
+        prompts = [p._prompt(q, None) for p, q in zip(predictors, instructions, strict=True)]
+        prefixes = [p._prefix_for(ids) for p, (_, ids) in zip(predictors, prompts, strict=True)]
+        prefix = None
+        if all(x is not None for x in prefixes) and len({x[1] for x in prefixes}) == 1:  # type: ignore[index]
+            plen = prefixes[0][1]  # type: ignore[index]
+            if all(len(ids) > plen for _, ids in prompts):
+                prefix = (stack_caches([x[0] for x in prefixes]), plen)  # type: ignore[index]
+        feats = [p._features for p in predictors]
+        drafts = None
+        if all(p.draft_answers for p in predictors):
+            recent = [r for p in predictors for r in p._recent]
+            drafts = [list(r) for r in dict.fromkeys(tuple(r) for r in recent)] + model.answer_drafts()
+        out = model.generate(
+            [ids for _, ids in prompts],
+            ImageFeatures.cat(feats),  # type: ignore[arg-type]
+            max_new_tokens=max_new_tokens or max(p.max_new_tokens for p in predictors),
+            prefix_cache=prefix,
+            drafts=drafts,
+        )
+        assert out.masks is not None
+        results = []
+        for p, text, masks, seq, (turns, _) in zip(
+            predictors, out.texts, out.masks, out.sequences, prompts, strict=True
+        ):
+            p._remember([seq])
+            results.append(p._prediction(text, masks, turns, return_logits))
+        return results
 
     def _drafts(self) -> list[list[int]] | None:
         if not self.draft_answers:

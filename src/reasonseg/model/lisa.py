@@ -38,7 +38,7 @@ from reasonseg.model.outputs import GenerateOutput, ImageFeatures, LisaOutput, M
 from reasonseg.model.projector import Projector
 from reasonseg.model.vision_tower import build_vision_tower, sam_pixels_to_clip
 
-__all__ = ["BuildReport", "LisaModel", "fork_cache", "load_tokenizer"]
+__all__ = ["BuildReport", "LisaModel", "fork_cache", "load_tokenizer", "stack_caches"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -118,6 +118,39 @@ def fork_cache(cache: Any) -> Any:
         fork.layers = [copy.copy(layer) for layer in cache.layers]
         return fork
     return copy.deepcopy(cache)
+
+
+def stack_caches(caches: Sequence[Any]) -> Any:
+    """One ``DynamicCache`` whose row i holds ``caches[i]`` (batch-1 caches of one length, e.g. the
+    image prefixes of several images): the prefix cache of a batch of prompts on different images."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not caches:
+        raise ValueError("stack_caches needs at least one cache")
+    first = caches[0]
+    for c in caches:
+        if type(c) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in c.layers):
+            raise TypeError(
+                f"stack_caches: only DynamicCache with DynamicLayer layers, got {type(c).__name__}"
+            )
+        if len(c.layers) != len(first.layers) or int(c.get_seq_length()) != int(first.get_seq_length()):
+            raise ValueError("stack_caches: the caches differ in layer count or length")
+        if c.layers and c.layers[0].keys.shape[0] != 1:
+            raise ValueError(f"stack_caches: caches must have batch 1, got {c.layers[0].keys.shape[0]}")
+    out = fork_cache(first)
+    for i, layer in enumerate(out.layers):
+        layer.keys = torch.cat([c.layers[i].keys for c in caches])
+        layer.values = torch.cat([c.layers[i].values for c in caches])
+    return out
+
+
+def _cache_rows(cache: Any) -> int:
+    """The batch size of a transformers cache (1 when it holds nothing yet)."""
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel():
+            return int(keys.shape[0])
+    return 1
 
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -505,12 +538,13 @@ class LisaModel(nn.Module):
             use_cache: KV-cached decoding (default). ``False`` re-runs the whole sequence every step:
                 the slow reference the cached path is tested against.
             decode_masks: run the mask decoder on the captured slot embeddings.
-            prefix_cache: ``(cache, P)``: the keys/values of a batch-1 prefix of P tokens that every
+            prefix_cache: ``(cache, P)``: the keys/values of a prefix of P tokens that every
                 prompt starts with (e.g. system prompt + image tokens, from :meth:`prefix_cache`, or
                 the text before the image alone: the image tokens then run with the rest); a
-                ``transformers`` ``Cache``, left untouched (a copy, repeated per prompt, is extended).
-                Each prompt's remaining tokens are left-padded after the prefix, so the prefix is
-                computed once for the whole batch.
+                ``transformers`` ``Cache``, left untouched (a copy is extended). Batch 1: one prefix
+                shared by every prompt (repeated per prompt), computed once for the whole batch; batch
+                B: row i is prompt i's own prefix (the same tokens on different images,
+                :func:`stack_caches`). Each prompt's remaining tokens are left-padded after the prefix.
             drafts: token sequences the answer is likely to repeat (earlier answers, the answer
                 templates; :meth:`answer_drafts`). Greedy cached decoding then guesses up to
                 ``max_draft`` tokens at a time from them and checks the guess in one LM pass, keeping
@@ -535,6 +569,9 @@ class LisaModel(nn.Module):
             if not use_cache:
                 raise ValueError("prefix_cache needs use_cache=True")
             plen = int(prefix_cache[1])
+            rows = _cache_rows(prefix_cache[0])
+            if rows not in (1, b):
+                raise ValueError(f"prefix_cache has {rows} rows for {b} prompts: give 1 (shared) or {b}")
             head = prompts[0][:plen]
             bad = [i for i, p in enumerate(prompts) if len(p) <= plen or not torch.equal(p[:plen], head)]
             if bad:
@@ -608,7 +645,7 @@ class LisaModel(nn.Module):
         if use_cache:
             if prefix_cache is not None:
                 cache = fork_cache(prefix_cache[0])
-                if b > 1:
+                if b > 1 and _cache_rows(cache) == 1:
                     cache.batch_repeat_interleave(b)
                 pos = positions_from_mask(mask)
                 # Only the tokens after the prefix are embedded; they hold the image placeholders

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +31,18 @@ class ImageFeatures:
 
     def __len__(self) -> int:
         return int(self.sam_embeddings.shape[0])
+
+    @staticmethod
+    def cat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
+        """The images of ``parts`` in order, as one batch (e.g. the cached images of several predictors)."""
+        if not parts:
+            raise ValueError("ImageFeatures.cat needs at least one part")
+        return ImageFeatures(
+            sam_embeddings=torch.cat([p.sam_embeddings for p in parts]),
+            vision_tokens=torch.cat([p.vision_tokens for p in parts]),
+            resized_hw=[hw for p in parts for hw in p.resized_hw],
+            original_hw=[hw for p in parts for hw in p.original_hw],
+        )
 
     def select(self, index: list[int]) -> ImageFeatures:
         """The features of images ``index`` (repeats allowed: several prompts on one image)."""

@@ -2,9 +2,10 @@
 
 A batch from :class:`~reasonseg.serving.batching.BatchQueue` may hold requests on several images. The engine
 groups them by image content hash; for each image it takes a predictor whose ``set_image`` has already run
-from the shared :class:`~reasonseg.serving.cache.LruBytesCache` (or creates one and encodes the image once),
-then runs all single-turn instructions on that image through ``predict_batch`` in one call and the
-multi-turn ones through ``predict(..., history=...)``. Each cache entry is a predictor sharing the one model;
+from the shared :class:`~reasonseg.serving.cache.LruBytesCache` (or creates one and encodes the image once).
+The single-turn instructions of the whole batch then go through one ``predict_many`` call across the images
+(one batched decode; ``predict_batch`` per image where the predictor has no ``predict_many`` or the batch
+holds one image), and the multi-turn ones through ``predict(..., history=...)``. Each cache entry is a predictor sharing the one model;
 its size is the bytes of its cached tensors (the model is not counted).
 
 The engine is synchronous and not re-entrant: the queue calls it from one worker thread.
@@ -99,46 +100,96 @@ class SegmentEngine:
         groups: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(i)
+        ready: list[tuple[list[int], PredictorLike, bool, float]] = []
         for indices in groups.values():
             try:
-                predictor, hit, encode_s = self._predictor_for(jobs[indices[0]])
+                ready.append((indices, *self._predictor_for(jobs[indices[0]])))
             except Exception as exc:
                 for i in indices:
                     results[i] = exc
-                continue
-            single = [i for i in indices if not jobs[i].history]
-            multi = [i for i in indices if jobs[i].history]
-            first = True
-            if len(single) > 1 and self.use_predict_batch and hasattr(predictor, "predict_batch"):
-                t0 = time.perf_counter()
-                try:
-                    preds = predictor.predict_batch([jobs[i].instruction for i in single])
-                    if len(preds) != len(single):
-                        raise RuntimeError(f"predict_batch returned {len(preds)} results for {len(single)}")
-                except Exception:
-                    preds = None  # isolate the failing request: fall back to one call each below
-                if preds is not None:
-                    took = time.perf_counter() - t0
-                    for i, pred in zip(single, preds, strict=True):
-                        results[i] = JobResult(
-                            pred, hit or not first, encode_s if first else 0.0, took, len(single)
-                        )
-                        first = False
-                    single = []
-            for i in [*single, *multi]:
-                t0 = time.perf_counter()
-                try:
-                    if jobs[i].history:
-                        pred = predictor.predict(jobs[i].instruction, history=_to_turns(jobs[i].history))
-                    else:
-                        pred = predictor.predict(jobs[i].instruction)
-                except Exception as exc:
-                    results[i] = exc
-                    continue
-                results[i] = JobResult(
-                    pred, hit or not first, encode_s if first else 0.0, time.perf_counter() - t0, 1
-                )
-                first = False
+        # Single-turn instructions on several images: one batched decode across the images when the
+        # predictor class offers it (ReasonSegPredictor.predict_many), else one predict_batch per image.
+        singles = [(i, p) for indices, p, _, _ in ready for i in indices if not jobs[i].history]
+        many = getattr(type(ready[0][1]), "predict_many", None) if ready else None
+        done: set[int] = set()
+        if len(ready) > 1 and len(singles) > 1 and self.use_predict_batch and many is not None:
+            done = self._run_many(many, jobs, singles, ready, results)
+        for indices, predictor, hit, encode_s in ready:
+            rest = [i for i in indices if i not in done]
+            if len(rest) < len(indices):  # its encode time went to a request answered above
+                hit, encode_s = True, 0.0
+            self._run_group(jobs, rest, predictor, hit, encode_s, results)
             if jobs[indices[0]].key in self.cache:  # re-measure: predicting may add a prompt-prefix KV cache
                 self.cache.put(jobs[indices[0]].key, predictor)
         return [r if r is not None else RuntimeError("job was not run") for r in results]
+
+    def _run_many(
+        self,
+        many: Callable[..., Sequence[Any]],
+        jobs: Sequence[SegmentJob],
+        singles: list[tuple[int, PredictorLike]],
+        ready: list[tuple[list[int], PredictorLike, bool, float]],
+        results: list[JobResult | BaseException | None],
+    ) -> set[int]:
+        """``predict_many`` over every single-turn job; the jobs it answered (none if it failed: they
+        then run per image, which isolates a failing request)."""
+        t0 = time.perf_counter()
+        try:
+            preds = many([p for _, p in singles], [jobs[i].instruction for i, _ in singles])
+            if len(preds) != len(singles):
+                raise RuntimeError(f"predict_many returned {len(preds)} results for {len(singles)}")
+        except Exception:
+            return set()
+        took = time.perf_counter() - t0
+        cost = {id(p): (hit, encode_s) for _, p, hit, encode_s in ready}
+        charged: set[int] = set()  # the first request on a freshly encoded image carries its encode time
+        for (i, p), pred in zip(singles, preds, strict=True):
+            hit, encode_s = cost[id(p)]
+            first = id(p) not in charged
+            charged.add(id(p))
+            results[i] = JobResult(pred, hit or not first, encode_s if first else 0.0, took, len(singles))
+        return {i for i, _ in singles}
+
+    def _run_group(
+        self,
+        jobs: Sequence[SegmentJob],
+        indices: list[int],
+        predictor: PredictorLike,
+        hit: bool,
+        encode_s: float,
+        results: list[JobResult | BaseException | None],
+    ) -> None:
+        """One image's jobs: single-turn ones in one ``predict_batch`` call, multi-turn ones one by one."""
+        single = [i for i in indices if not jobs[i].history]
+        multi = [i for i in indices if jobs[i].history]
+        first = True  # the first request answered carries the image's encode time
+        if len(single) > 1 and self.use_predict_batch and hasattr(predictor, "predict_batch"):
+            t0 = time.perf_counter()
+            try:
+                preds = predictor.predict_batch([jobs[i].instruction for i in single])  # type: ignore[attr-defined]
+                if len(preds) != len(single):
+                    raise RuntimeError(f"predict_batch returned {len(preds)} results for {len(single)}")
+            except Exception:
+                preds = None  # isolate the failing request: fall back to one call each below
+            if preds is not None:
+                took = time.perf_counter() - t0
+                for i, pred in zip(single, preds, strict=True):
+                    results[i] = JobResult(
+                        pred, hit or not first, encode_s if first else 0.0, took, len(single)
+                    )
+                    first = False
+                single = []
+        for i in [*single, *multi]:
+            t0 = time.perf_counter()
+            try:
+                if jobs[i].history:
+                    pred = predictor.predict(jobs[i].instruction, history=_to_turns(jobs[i].history))
+                else:
+                    pred = predictor.predict(jobs[i].instruction)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            results[i] = JobResult(
+                pred, hit or not first, encode_s if first else 0.0, time.perf_counter() - t0, 1
+            )
+            first = False
