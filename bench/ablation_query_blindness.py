@@ -1,10 +1,13 @@
-"""Why the built-in model returns one mask per image whatever is asked: four experiments.
+"""Why the built-in model returns one mask per image whatever is asked, and never rejects: five
+experiments.
 
     .venv/bin/python bench/ablation_query_blindness.py spread --model models/lisa-mobile-synth
     .venv/bin/python bench/ablation_query_blindness.py overfit --steps 60
     .venv/bin/python bench/ablation_query_blindness.py frozen-head --steps 120
     .venv/bin/python bench/ablation_query_blindness.py long-head --world runs/synth20 \
         --recipe recipes/experiments/synth20-stage1.yaml --train-samples 3000 --steps 900 --eval-every 150
+    .venv/bin/python bench/ablation_query_blindness.py rej-margin --model models/lisa-mobile-synth \
+        --world runs/synth
 
 * ``spread``: for 8 different questions (no image: zero image tokens), the LM hidden state at the
   position that predicts ``[SEG]`` and the SAM prompt the LISA head makes of it. Printed: the pairwise
@@ -26,6 +29,12 @@
   Every ``--eval-every`` steps it prints, on the world's test split (first 200 refs), the mean IoU of the
   target masks at 256x256 and the mean IoU between the masks of two queries with different targets on one
   image (near 1: query-blind). Does query dependence appear with more steps?
+* ``rej-margin``: could a calibrated threshold recover rejections? For the first ``--limit`` queries
+  of each split (the protocol of ``bench/eval_synth_queries.py``), the LM's logit margin
+  ``[REJ] - [SEG]`` at the answer's slot (after the trained answer's "It is"), for target and
+  no-target queries. Printed per split: the mean margins, the AUC of the margin as a no-target
+  detector (0.5: no signal), and the N-acc / T-acc on the test split of the bias on the margin that
+  maximises (N-acc + T-acc) / 2 on the training split.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -322,6 +332,66 @@ def long_head(
             )
 
 
+def rej_margin(model_dir: str, world: str, limits: tuple[int, int], threads: int) -> None:
+    import numpy as np
+
+    from eval_synth_queries import build_items
+    from reasonseg.inference.predictor import ReasonSegPredictor
+    from reasonseg.model import LisaModel
+
+    torch.set_num_threads(threads)
+    m = LisaModel.from_pretrained(model_dir).eval()
+    seg, rej = m.seg_token_id, m.tokenizer.convert_tokens_to_ids(m.config.rej_token)
+    answer = m.answer_drafts()[0]  # the trained single-target answer, "It is [SEG]." + end token
+    lead = torch.tensor(answer[: answer.index(seg)])
+    pred = ReasonSegPredictor(m)
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split, limit in zip(("train", "test"), limits, strict=True):
+        margins, negative = [], []
+        last = None
+        for item in build_items(Path(world), split, first_sentence_only=True, limit=limit):
+            sample = item.sample()
+            if last is None or not np.array_equal(sample.image, last):
+                pred.set_image(sample.image)
+                last = sample.image
+            _, ids = pred._prompt(sample.turns[0].text.split("\n", 1)[1], None)
+            full = torch.cat([ids, lead])[None]
+            with torch.inference_mode():
+                embeds = m.mllm.embed(full, pred._features.vision_tokens)  # type: ignore[union-attr]
+                mask = torch.ones_like(full)
+                h = m.mllm.run_decoder(embeds, mask, torch.arange(full.shape[1])[None])
+                logits = m.mllm.lm_logits(h[:, -1]).float()[0]
+            margins.append(float(logits[rej] - logits[seg]))
+            negative.append(all(k == "rej" for k in sample.target_kinds))
+        found[split] = (np.array(margins), np.array(negative, dtype=bool))
+    for split, (mg, neg) in found.items():
+        pos_m, neg_m = mg[~neg], mg[neg]
+        auc = (
+            float(np.mean([[(a > b) + 0.5 * (a == b) for b in pos_m] for a in neg_m]))
+            if len(neg_m)
+            else float("nan")
+        )
+        print(
+            f"{split}: {len(mg)} queries ({int(neg.sum())} no-target); margin [REJ]-[SEG] mean "
+            f"{neg_m.mean() if len(neg_m) else float('nan'):.3f} no-target, {pos_m.mean():.3f} target; "
+            f"AUC {auc:.3f}"
+        )
+
+    def accuracies(mg: np.ndarray, neg: np.ndarray, bias: float) -> tuple[float, float]:
+        rejected = mg + bias > 0
+        n_acc = float(rejected[neg].mean()) if neg.any() else float("nan")
+        return n_acc, float((~rejected[~neg]).mean())
+
+    train_mg, train_neg = found["train"]
+    candidates = np.concatenate([[-np.inf], -np.sort(train_mg) + 1e-6])
+    bias = max(candidates, key=lambda c: float(np.nanmean(accuracies(train_mg, train_neg, c))))
+    n_acc, t_acc = accuracies(*found["test"], bias)
+    print(
+        f"bias chosen on train: {bias:.3f} -> test N-acc {100 * n_acc:.1f}, T-acc {100 * t_acc:.1f} "
+        f"(no bias: N-acc {100 * accuracies(*found['test'], 0.0)[0]:.1f})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -344,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--lr", type=float, default=1e-3)
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("--eval-every", type=int, default=150)
+    r = sub.add_parser("rej-margin")
+    r.add_argument("--model", default="models/lisa-mobile-synth")
+    r.add_argument("--world", default="runs/synth")
+    r.add_argument("--limit-train", type=int, default=48)
+    r.add_argument("--limit-test", type=int, default=100)
+    r.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     if args.cmd == "spread":
         spread(args.model, args.answer)
@@ -351,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overfit(args.steps, args.threads)
     elif args.cmd == "frozen-head":
         frozen_head(args.steps, args.threads, args.out)
+    elif args.cmd == "rej-margin":
+        rej_margin(args.model, args.world, (args.limit_train, args.limit_test), args.threads)
     else:
         long_head(
             args.recipe,

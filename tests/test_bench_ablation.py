@@ -1,6 +1,7 @@
-"""bench/ablation_query_blindness.py long-head runs end to end on the tiny lisa-mobile and a small
-synthetic world: slot states are extracted once, the head and mask decoder take steps, and the test
-split's mean IoU and pair IoU are printed. Only that it runs and prints sane values is asserted."""
+"""bench/ablation_query_blindness.py long-head and rej-margin run end to end on the tiny lisa-mobile and
+a small synthetic world. long-head: slot states are extracted once, the head and mask decoder take
+steps, and the test split's mean IoU and pair IoU are printed; rej-margin: the margins, AUCs and the
+calibrated bias are printed. Only that they run and print sane values is asserted."""
 
 from __future__ import annotations
 
@@ -16,15 +17,23 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-@pytest.mark.usefixtures("fresh_accelerator_state")
-def test_long_head_runs_on_the_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import ablation_query_blindness as abl
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from reasonseg.data.synth import WorldConfig, generate_world, render
 
     if not render.font_path().is_file():
         pytest.skip("needs fonts-noto-color-emoji")
-    world = tmp_path / "world"
-    generate_world(WorldConfig(n=40, seed=3, split_fractions=(0.5, 0.2, 0.3)), world, workers=1)
+    path = tmp_path_factory.mktemp("ablation") / "world"
+    generate_world(WorldConfig(n=40, seed=3, split_fractions=(0.5, 0.2, 0.3)), path, workers=1)
+    return path
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_long_head_runs_on_the_tiny_model(
+    tmp_path: Path, world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ablation_query_blindness as abl
+
     recipe = {
         "model": {"preset": "lisa-mobile", "tiny": True},
         "data": {"num_workers": 0, "datasets": [{"name": "synth", "kind": "synth", "path": str(world)}]},
@@ -50,3 +59,29 @@ def test_long_head_runs_on_the_tiny_model(tmp_path: Path, capsys: pytest.Capture
     for _, bce, dice, iou, pair in steps:
         assert math.isfinite(float(bce)) and 0 <= float(dice) <= 1
         assert 0 <= float(iou) <= 1 and 0 <= float(pair) <= 1
+
+
+def test_rej_margin_runs_on_the_tiny_model(
+    tmp_path: Path, world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ablation_query_blindness as abl
+    from reasonseg.model import LisaModel
+
+    model_dir = tmp_path / "model"
+    LisaModel.from_preset("lisa-mobile", tiny=True).save_pretrained(model_dir)
+    n = torch.get_num_threads()
+    try:
+        abl.main(
+            f"rej-margin --model {model_dir} --world {world} --limit-train 6 --limit-test 6 --threads 1".split()
+        )
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    for split in ("train", "test"):
+        m = re.search(
+            rf"{split}: 6 queries \((\d+) no-target\); margin \[REJ\]-\[SEG\] mean (\S+) no-target, (\S+) target; AUC (\S+)",
+            out,
+        )
+        assert m, out
+        assert math.isfinite(float(m.group(3)))
+    assert re.search(r"bias chosen on train: \S+ -> test N-acc \S+, T-acc [\d.]+", out)
