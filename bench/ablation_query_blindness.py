@@ -40,6 +40,7 @@ experiments.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -201,12 +202,18 @@ def long_head(
     lr: float,
     threads: int,
     eval_every: int,
+    oracle: bool = False,
 ) -> None:
     """The ``long-head`` experiment (module docstring): ``train_samples`` draws of ``recipe_path``'s
     mixture give the training slots (frozen-LM state [H], SAM embedding [256,h,w], target and valid
     pixels [4h,4w] each); ``steps`` AdamW steps of ``batch_size`` slots at ``lr`` (20 warm-up steps,
     linear decay to 5% of it); every ``eval_every`` steps one printed line with the training BCE/Dice
-    means and the test split's mean IoU and pair IoU."""
+    means and the test split's mean IoU and pair IoU.
+
+    ``oracle``: no LM. A slot is (image, object kind), its target the union of the sample's instances
+    of that kind, and its SAM prompt a learned vector per kind (trained with the decoder): the text is
+    understood perfectly, so what is left is whether the decoder learns each kind's appearance from
+    SAM features in this budget and carries it to held-out scenes."""
     import random
 
     from reasonseg.data.readers import build_reader
@@ -219,20 +226,48 @@ def long_head(
     random.seed(0)
     trainer = Trainer(load_recipe(recipe_path, ["train.progress_bar=false"]))
     m = trainer.model
-    trainer.standardise_head_input(trainer.recipe.train.head_init_samples)
+    if not oracle:
+        trainer.standardise_head_input(trainer.recipe.train.head_init_samples)
+    kind_of: dict[int, int] = {}  # annotation id -> object kind (category id), for the oracle
+    if oracle:
+        instances = json.loads((Path(world) / "refer_seg" / "grefcoco" / "instances.json").read_text())
+        kind_of = {int(a["id"]): int(a["category_id"]) for a in instances["annotations"]}
     embeddings: dict[str, torch.Tensor] = {}
     grid = m.sam.prompt_encoder.image_embedding_size  # (h, w) of the SAM embedding
     side = 4 * grid[0]  # the mask decoder's output is 4x the embedding
     stride = m.sam.image_size // side
 
     def slots(samples: list) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
-        """Frozen-LM states at the [SEG] slots [n,H], their image keys, targets and valid pixels [n,side,side]."""
+        """Frozen-LM states at the [SEG] slots [n,H] (oracle: kind ids [n,1]), their image keys, targets
+        and valid pixels [n,side,side]."""
         states, keys, targets, valid = [], [], [], []
+        seen: set[tuple[str, int]] = set()  # oracle: one slot per (image, kind)
         for start in range(0, len(samples), 16):
             batch = trainer.collate(samples[start : start + 16])
             frozen = trainer._frozen_features(batch)  # through train.encoder_cache, if the recipe sets one
             if frozen is None:
                 frozen = frozen_features(m, batch.pixels, batch.resized_hw)
+            if oracle:
+                for i, sample in enumerate(samples[start : start + 16]):
+                    key = batch.image_keys[i]
+                    embeddings.setdefault(key, frozen.sam_embeddings[i].to(torch.bfloat16))
+                    anns = [int(a) for a in (sample.meta or {}).get("ann_ids") or []]
+                    by_kind: dict[int, torch.Tensor] = {}
+                    for j, kind in enumerate(sample.target_kinds):
+                        if kind == "seg" and j < len(anns) and anns[j] in kind_of:
+                            mask = torch.as_tensor(batch.masks[i][j]).bool()
+                            k = kind_of[anns[j]]
+                            by_kind[k] = by_kind[k] | mask if k in by_kind else mask
+                    for k, mask in by_kind.items():
+                        if (key, k) in seen:
+                            continue
+                        seen.add((key, k))
+                        t, v = _low_res_target(mask.to(torch.uint8), batch.resized_hw[i], stride, side)
+                        states.append(torch.tensor([float(k)]))
+                        keys.append(key)
+                        targets.append(t)
+                        valid.append(v)
+                continue
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 images = image_features(m, frozen, batch.resized_hw, batch.original_hw)
                 off = torch.zeros_like(batch.input_ids, dtype=torch.bool)
@@ -263,8 +298,12 @@ def long_head(
         )
 
     decoder, head, pe = m.sam.mask_decoder, m.text_hidden_fcs, m.sam.prompt_encoder
+    if oracle:
+        table = torch.nn.Embedding(max(kind_of.values()) + 1, decoder.transformer_dim)
+        torch.nn.init.normal_(table.weight, std=1.0)
+        head = lambda ids: table(ids[:, 0].long())  # noqa: E731
     weights = trainer.loss_weights  # the recipe's BCE and Dice weights
-    params = [*head.parameters(), *decoder.parameters()]
+    params = [*(table if oracle else head).parameters(), *decoder.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -414,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--lr", type=float, default=1e-3)
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("--eval-every", type=int, default=150)
+    h.add_argument(
+        "--oracle", action="store_true", help="a learned prompt per object kind instead of the LM (no LM)"
+    )
     r = sub.add_parser("rej-margin")
     r.add_argument("--model", default="models/lisa-mobile-synth")
     r.add_argument("--world", default="runs/synth")
@@ -439,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.lr,
             args.threads,
             args.eval_every,
+            args.oracle,
         )
     return 0
 

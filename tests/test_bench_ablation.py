@@ -29,8 +29,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.usefixtures("fresh_accelerator_state")
+@pytest.mark.parametrize("oracle", [False, True], ids=["lm-states", "oracle-prompts"])
 def test_long_head_runs_on_the_tiny_model(
-    tmp_path: Path, world: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, world: Path, capsys: pytest.CaptureFixture[str], oracle: bool
 ) -> None:
     import ablation_query_blindness as abl
 
@@ -48,7 +49,7 @@ def test_long_head_runs_on_the_tiny_model(
     try:
         abl.main(
             f"long-head --recipe {path} --world {world} --train-samples 6 --steps 2 --batch-size 2 "
-            "--threads 1 --eval-every 1".split()
+            "--threads 1 --eval-every 1".split() + (["--oracle"] if oracle else [])
         )
     finally:
         torch.set_num_threads(n)

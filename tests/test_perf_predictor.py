@@ -4,6 +4,8 @@ step count, and the per-image work done once."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -38,6 +40,37 @@ def _predictor(model: LisaModel, **kw: object) -> ReasonSegPredictor:
     return pred
 
 
+@dataclass
+class _Calls:
+    prefixes: int = 0  # LisaModel.prefix_cache calls
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (rows, tokens) of each LM pass
+
+    @property
+    def lengths(self) -> list[int]:
+        return [n for _, n in self.runs]
+
+
+@contextmanager
+def _spy(model: LisaModel) -> Iterator[_Calls]:
+    """Counts the model's prefix-cache calls and records the shape of every LM pass meanwhile."""
+    calls = _Calls()
+    real_prefix, real_run = model.prefix_cache, model.mllm.run_decoder
+
+    def spy_prefix(*a, **k):  # type: ignore[no-untyped-def]
+        calls.prefixes += 1
+        return real_prefix(*a, **k)
+
+    def spy_run(embeds, *a, **k):  # type: ignore[no-untyped-def]
+        calls.runs.append((int(embeds.shape[0]), int(embeds.shape[1])))
+        return real_run(embeds, *a, **k)
+
+    model.prefix_cache, model.mllm.run_decoder = spy_prefix, spy_run  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        del model.prefix_cache, model.mllm.run_decoder
+
+
 def test_batched_generate_on_a_shared_prefix_equals_each_prompt_alone(model: LisaModel) -> None:
     pred = _predictor(model)
     prompts = [prompt_ids(model, q) for q in QUESTIONS]
@@ -60,26 +93,12 @@ def test_batched_generate_on_a_shared_prefix_equals_each_prompt_alone(model: Lis
 
 def test_predict_batch_computes_the_image_prefix_once_and_never_re_feeds_it(model: LisaModel) -> None:
     pred = _predictor(model, draft_answers=False)  # token by token: every later LM call is one token
-    calls: list[int] = []
-    lengths: list[int] = []
-    real_prefix, real_run = model.prefix_cache, model.mllm.run_decoder
-
-    def spy_prefix(*a, **k):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real_prefix(*a, **k)
-
-    def spy_run(embeds, *a, **k):  # type: ignore[no-untyped-def]
-        lengths.append(int(embeds.shape[1]))
-        return real_run(embeds, *a, **k)
-
-    model.prefix_cache, model.mllm.run_decoder = spy_prefix, spy_run  # type: ignore[method-assign]
-    try:
+    with _spy(model) as calls:
         batch = pred.predict_batch(QUESTIONS)
-        first_lengths = list(lengths)
+        first_lengths = list(calls.lengths)
         pred.predict_batch(QUESTIONS[:2])
-    finally:
-        del model.prefix_cache, model.mllm.run_decoder
-    assert len(calls) == 2  # the text before the image, then the image tokens on a copy of it
+    lengths = calls.lengths
+    assert calls.prefixes == 2  # the text before the image, then the image tokens on a copy of it
     assert pred._prefix is not None
     plen = pred._prefix[2]
     head = int((prompt_ids(model, QUESTIONS[0]) == model.image_token_id).nonzero()[0])
@@ -153,28 +172,14 @@ def test_a_first_predict_runs_the_image_and_the_question_in_one_pass(model: Lisa
     the image), keeps the image prefix cut from that pass, and every answer stays that of a predictor
     without any cache."""
     pred = _predictor(model)
-    lengths: list[int] = []
-    prefixes: list[int] = []
-    real_prefix, real_run = model.prefix_cache, model.mllm.run_decoder
-
-    def spy_prefix(*a, **k):  # type: ignore[no-untyped-def]
-        prefixes.append(1)
-        return real_prefix(*a, **k)
-
-    def spy_run(embeds, *a, **k):  # type: ignore[no-untyped-def]
-        lengths.append(int(embeds.shape[1]))
-        return real_run(embeds, *a, **k)
-
-    model.prefix_cache, model.mllm.run_decoder = spy_prefix, spy_run  # type: ignore[method-assign]
-    try:
+    with _spy(model) as calls:
         first = pred.predict(QUESTIONS[0])
-        first_lengths = list(lengths)
+        first_lengths = list(calls.lengths)
         second = pred.predict(QUESTIONS[2])
-    finally:
-        del model.prefix_cache, model.mllm.run_decoder
+    lengths = calls.lengths
     ids = prompt_ids(model, QUESTIONS[0])
     head = int((ids == model.image_token_id).nonzero()[0])
-    assert len(prefixes) == 1  # only the text before the image, on its own
+    assert calls.prefixes == 1  # only the text before the image, on its own
     assert first_lengths[0] == head and first_lengths[1] >= len(ids) - head  # image + question in one
     assert pred._prefix is not None
     plen = pred._prefix[2]
@@ -194,26 +199,16 @@ def test_predict_many_answers_questions_on_several_images_in_one_batch(model: Li
     a = _predictor(model)
     b = ReasonSegPredictor(model, max_new_tokens=12)
     b.set_image(other)
-    calls: list[tuple[int, int]] = []
-    real_run = model.mllm.run_decoder
-
-    def spy_run(embeds, *args, **kw):  # type: ignore[no-untyped-def]
-        calls.append((int(embeds.shape[0]), int(embeds.shape[1])))
-        return real_run(embeds, *args, **kw)
-
     a.predict(QUESTIONS[1])  # a's image prefix is cached from its first query; b's is computed below
-    model.mllm.run_decoder = spy_run  # type: ignore[method-assign]
-    try:
+    with _spy(model) as spied:
         got = ReasonSegPredictor.predict_many([a, b, a], [QUESTIONS[0], QUESTIONS[2], QUESTIONS[2]])
-    finally:
-        del model.mllm.run_decoder
+    calls = spied.runs
     # b's image prefix on its own (batch 1), then the three prompts as one batch that starts after
     # the image prefixes: no batched call runs the image tokens again.
     plen = a._prefix[2]  # type: ignore[index]
     batched = [n for rows, n in calls if rows == 3]
-    assert (
-        batched and max(batched) <= max(len(prompt_ids(model, q)) for q in QUESTIONS) - plen + 16
-    )  # + a draft
+    longest_rest = max(len(prompt_ids(model, q)) for q in QUESTIONS) - plen
+    assert batched and max(batched) <= longest_rest + 16  # the rests and at most a 16-token draft
     assert all(rows == 1 for rows, _ in calls[: len(calls) - len(batched)])
     assert b._prefix is not None and b._prefix[2] == plen
     asked = [QUESTIONS[0], QUESTIONS[2], QUESTIONS[2]]
