@@ -1,4 +1,4 @@
-"""Why the built-in model returns one mask per image whatever is asked, and never rejects: five
+"""Why the built-in model returns one mask per image whatever is asked, and never rejects: six
 experiments.
 
     .venv/bin/python bench/ablation_query_blindness.py spread --model models/lisa-mobile-synth
@@ -6,6 +6,8 @@ experiments.
     .venv/bin/python bench/ablation_query_blindness.py frozen-head --steps 120
     .venv/bin/python bench/ablation_query_blindness.py long-head --world runs/synth20 \
         --recipe recipes/experiments/synth20-stage1.yaml --train-samples 3000 --steps 900 --eval-every 150
+    .venv/bin/python bench/ablation_query_blindness.py long-head --oracle --world runs/synth20 \
+        --recipe recipes/experiments/synth20-stage1.yaml --train-samples 3000 --steps 600 --eval-every 100
     .venv/bin/python bench/ablation_query_blindness.py rej-margin --model models/lisa-mobile-synth \
         --world runs/synth
 
@@ -28,7 +30,9 @@ experiments.
   the trainer's loss functions) is taken on the decoder's 256x256 output instead of the full-size masks.
   Every ``--eval-every`` steps it prints, on the world's test split (first 200 refs), the mean IoU of the
   target masks at 256x256 and the mean IoU between the masks of two queries with different targets on one
-  image (near 1: query-blind). Does query dependence appear with more steps?
+  image (near 1: query-blind). Does query dependence appear with more steps? ``--oracle`` replaces the
+  LM's slot state by a learned prompt per object kind (a slot: one kind on one image): can the decoder
+  learn the kinds from SAM features and find them on held-out scenes when the question is understood?
 * ``rej-margin``: could a calibrated threshold recover rejections? For the first ``--limit`` queries
   of each split (the protocol of ``bench/eval_synth_queries.py``), the LM's logit margin
   ``[REJ] - [SEG]`` at the answer's slot (after the trained answer's "It is"), for target and
