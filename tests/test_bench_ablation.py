@@ -49,7 +49,8 @@ def test_long_head_runs_on_the_tiny_model(
     try:
         abl.main(
             f"long-head --recipe {path} --world {world} --train-samples 6 --steps 2 --batch-size 2 "
-            "--threads 1 --eval-every 1".split() + (["--oracle"] if oracle else [])
+            "--threads 1 --eval-every 1".split()
+            + (["--oracle"] if oracle else [])
         )
     finally:
         torch.set_num_threads(n)

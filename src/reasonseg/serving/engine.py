@@ -3,10 +3,10 @@
 A batch from :class:`~reasonseg.serving.batching.BatchQueue` may hold requests on several images. The engine
 groups them by image content hash; for each image it takes a predictor whose ``set_image`` has already run
 from the shared :class:`~reasonseg.serving.cache.LruBytesCache` (or creates one and encodes the image once).
-The single-turn instructions of the whole batch then go through one ``predict_many`` call across the images
-(one batched decode; ``predict_batch`` per image where the predictor has no ``predict_many`` or the batch
-holds one image), and the multi-turn ones through ``predict(..., history=...)``. Each cache entry is a predictor sharing the one model;
-its size is the bytes of its cached tensors (the model is not counted).
+The single-turn instructions of the whole batch then go through one ``predict_many`` call across the
+images (one batched decode; ``predict_batch`` per image where the predictor has no ``predict_many`` or the
+batch holds one image), and the multi-turn ones through ``predict(..., history=...)``. Each cache entry is
+a predictor sharing the one model; its size is the bytes of its cached tensors (the model is not counted).
 
 The engine is synchronous and not re-entrant: the queue calls it from one worker thread.
 """

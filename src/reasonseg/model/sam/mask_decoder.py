@@ -114,7 +114,8 @@ class MaskDecoder(nn.Module):
         vector per prompt broadcast over the map (``no_mask_embed``, as LISA passes it: zero spatial
         strides) is added as [n, 1, C], a contiguous broadcast, instead of as a strided map.
         """
-        _per_prompt(image, n, "image_embeddings")  # checks the batch
+        _per_prompt(image, n, "image_embeddings")  # checks the batches: 1 or n
+        _per_prompt(dense, n, "dense_prompt_embeddings")
         b, c, h, w = image.shape
 
         def layout() -> torch.Tensor:
