@@ -316,6 +316,9 @@ def test_fork_cache_leaves_the_prefix_as_it_was() -> None:
     assert cache.get_seq_length() == 5
     for lay, (k, v) in zip(cache.layers, before, strict=True):
         assert lay.keys.shape[0] == 1 and torch.equal(lay.keys, k) and torch.equal(lay.values, v)
+    head = fork_cache(cache, keep=2)  # only the first positions, the original untouched
+    assert head.get_seq_length() == 2 and torch.equal(head.layers[0].keys, before[0][0][..., :2, :])
+    assert cache.get_seq_length() == 5
     # Other cache types are deep-copied.
     other = {"k": torch.zeros(2)}
     copied = fork_cache(other)

@@ -246,9 +246,7 @@ class ReasonSegPredictor:
         cache, conv_ids = conversation
         if len(conv_ids) < len(prefix) or not torch.equal(conv_ids[: len(prefix)], prefix):
             return  # not this prefix's pass: computed on the next query instead
-        kept = fork_cache(cache)
-        kept.crop(len(prefix) - int(kept.get_seq_length()))  # negative: drop the question and answer
-        self._prefix = (prefix, kept, len(prefix))
+        self._prefix = (prefix, fork_cache(cache, keep=len(prefix)), len(prefix))
 
     @torch.inference_mode()
     def predict(
@@ -367,16 +365,12 @@ class ReasonSegPredictor:
             if all(len(ids) > plen for _, ids in prompts):
                 prefix = (stack_caches([x[0] for x in prefixes]), plen)  # type: ignore[index]
         feats = [p._features for p in predictors]
-        drafts = None
-        if all(p.draft_answers for p in predictors):
-            recent = [r for p in predictors for r in p._recent]
-            drafts = [list(r) for r in dict.fromkeys(tuple(r) for r in recent)] + model.answer_drafts()
         out = model.generate(
             [ids for _, ids in prompts],
             ImageFeatures.cat(feats),  # type: ignore[arg-type]
             max_new_tokens=max_new_tokens or max(p.max_new_tokens for p in predictors),
             prefix_cache=prefix,
-            drafts=drafts,
+            drafts=_draft_pool(predictors),
         )
         assert out.masks is not None
         results = []
@@ -388,9 +382,7 @@ class ReasonSegPredictor:
         return results
 
     def _drafts(self) -> list[list[int]] | None:
-        if not self.draft_answers:
-            return None
-        return self._recent + self.model.answer_drafts()
+        return _draft_pool([self])
 
     def _remember(self, sequences: Sequence[torch.Tensor]) -> None:
         for seq in sequences:
@@ -435,3 +427,13 @@ class ReasonSegPredictor:
             history=[*turns, Turn("assistant", text)],
             logits=logits.numpy() if return_logits else None,
         )
+
+
+def _draft_pool(predictors: Sequence[ReasonSegPredictor]) -> list[list[int]] | None:
+    """Answer drafts for a decode serving ``predictors`` (one model): their recent answers, distinct,
+    newest first per predictor, then the model's answer templates; None when any of them decodes
+    token by token (``draft_answers=False``)."""
+    if not all(p.draft_answers for p in predictors):
+        return None
+    recent = dict.fromkeys(tuple(r) for p in predictors for r in p._recent)
+    return [list(r) for r in recent] + predictors[0].model.answer_drafts()

@@ -98,9 +98,10 @@ def _clean_hf_config(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def fork_cache(cache: Any) -> Any:
+def fork_cache(cache: Any, keep: int | None = None) -> Any:
     """A copy of a prompt prefix's keys/values that a next pass may extend while the original stays
-    as it is (the predictor's per-image prefix serves every follow-up question).
+    as it is (the predictor's per-image prefix serves every follow-up question); with ``keep``, a
+    copy of only its first ``keep`` positions.
 
     transformers' ``DynamicCache`` layers grow, crop and repeat by building new tensors, never in
     place, so for those the copy shares the tensors and only copies the layer objects: microseconds
@@ -116,8 +117,11 @@ def fork_cache(cache: Any) -> Any:
     ):
         fork = copy.copy(cache)
         fork.layers = [copy.copy(layer) for layer in cache.layers]
-        return fork
-    return copy.deepcopy(cache)
+    else:
+        fork = copy.deepcopy(cache)
+    if keep is not None:
+        _drop_last_tokens(fork, int(fork.get_seq_length()) - keep)
+    return fork
 
 
 def stack_caches(caches: Sequence[Any]) -> Any:
