@@ -1,5 +1,5 @@
-"""Why the built-in model returns one mask per image whatever is asked, and never rejects: six
-experiments.
+"""Why the built-in model returns one mask per image whatever is asked, and never rejects: the
+experiments of its model card.
 
     .venv/bin/python bench/ablation_query_blindness.py spread --model models/lisa-mobile-synth
     .venv/bin/python bench/ablation_query_blindness.py overfit --steps 60
@@ -8,6 +8,9 @@ experiments.
         --recipe recipes/experiments/synth20-stage1.yaml --train-samples 3000 --steps 900 --eval-every 150
     .venv/bin/python bench/ablation_query_blindness.py long-head --oracle --world runs/synth20 \
         --recipe recipes/experiments/synth20-stage1.yaml --train-samples 3000 --steps 600 --eval-every 100
+    .venv/bin/python bench/ablation_query_blindness.py long-head --distil --world runs/synth20 \
+        --recipe recipes/experiments/synth20-stage1.yaml --train-samples 3000 --oracle-steps 600 \
+        --steps 450 --eval-every 150 --out runs/distil20/model
     .venv/bin/python bench/ablation_query_blindness.py rej-margin --model models/lisa-mobile-synth \
         --world runs/synth
 
@@ -33,6 +36,10 @@ experiments.
   image (near 1: query-blind). Does query dependence appear with more steps? ``--oracle`` replaces the
   LM's slot state by a learned prompt per object kind (a slot: one kind on one image): can the decoder
   learn the kinds from SAM features and find them on held-out scenes when the question is understood?
+  ``--distil`` is a curriculum on the LM's slots (:func:`long_head`): a linear probe of the target's kind
+  from the frozen LM state, the oracle's prompts, the head fitted to them, then head and decoder together.
+  Does a head that starts in the decoder's language break the plateau of the model card's item 7, and how
+  much of the oracle's IoU does the LM's reading of the question keep?
 * ``rej-margin``: could a calibrated threshold recover rejections? For the first ``--limit`` queries
   of each split (the protocol of ``bench/eval_synth_queries.py``), the LM's logit margin
   ``[REJ] - [SEG]`` at the answer's slot (after the trained answer's "It is"), for target and
@@ -197,6 +204,75 @@ def _low_res_target(
     return target, valid
 
 
+def _slots(
+    trainer, samples: list, embeddings: dict, kind_of: dict[int, int], oracle: bool
+) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The training or test slots of ``samples``: frozen-LM states at the [SEG] slots [n,H] (``oracle``:
+    kind ids [n,1], one slot per (image, kind)), their image keys, targets and valid pixels
+    [n,side,side] in the decoder's output frame, and each slot's object kind [n] (-1 when the target
+    spans several kinds or the sample names no annotations), and each slot's query family (the synthetic
+    world's ``family``, "" when the sample has none). The images' SAM embeddings go into ``embeddings``
+    (bf16, by image key)."""
+    from reasonseg.training.encoder_cache import frozen_features, image_features
+
+    m = trainer.model
+    side = 4 * m.sam.prompt_encoder.image_embedding_size[0]  # the mask decoder's output is 4x the embedding
+    stride = m.sam.image_size // side
+    states, keys, targets, valid, labels, families = [], [], [], [], [], []
+    seen: set[tuple[str, int]] = set()  # oracle: one slot per (image, kind)
+    for start in range(0, len(samples), 16):
+        chunk = samples[start : start + 16]
+        batch = trainer.collate(chunk)
+        frozen = trainer._frozen_features(batch)  # through train.encoder_cache, if the recipe sets one
+        if frozen is None:
+            frozen = frozen_features(m, batch.pixels, batch.resized_hw)
+        if oracle:
+            for i, sample in enumerate(chunk):
+                key = batch.image_keys[i]
+                embeddings.setdefault(key, frozen.sam_embeddings[i].to(torch.bfloat16))
+                anns = [int(a) for a in (sample.meta or {}).get("ann_ids") or []]
+                by_kind: dict[int, torch.Tensor] = {}
+                for j, kind in enumerate(sample.target_kinds):
+                    if kind == "seg" and j < len(anns) and anns[j] in kind_of:
+                        mask = torch.as_tensor(batch.masks[i][j]).bool()
+                        k = kind_of[anns[j]]
+                        by_kind[k] = by_kind[k] | mask if k in by_kind else mask
+                for k, mask in by_kind.items():
+                    if (key, k) in seen:
+                        continue
+                    seen.add((key, k))
+                    t, v = _low_res_target(mask.to(torch.uint8), batch.resized_hw[i], stride, side)
+                    states.append(torch.tensor([float(k)]))
+                    keys.append(key)
+                    targets.append(t)
+                    valid.append(v)
+                    labels.append(k)
+                    families.append("")
+            continue
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            images = image_features(m, frozen, batch.resized_hw, batch.original_hw)
+            off = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+            out = m(batch, images=images, decode_masks=False, logits_at=off)
+        for i, positions in enumerate(out.slot_positions):
+            key = batch.image_keys[i]
+            embeddings.setdefault(key, frozen.sam_embeddings[i].to(torch.bfloat16))
+            # one [SEG] per ref here (the union of its annotations), so the label is the ref's kind
+            ref_kinds = {kind_of.get(int(a), -1) for a in (chunk[i].meta or {}).get("ann_ids") or []}
+            for j, pos in enumerate(positions.tolist()):
+                if out.kinds[i][j] != "seg":
+                    continue
+                mask = torch.as_tensor(batch.masks[i][j])
+                t, v = _low_res_target(mask, batch.resized_hw[i], stride, side)
+                states.append(out.hidden_states[i, pos - 1].float())
+                keys.append(key)
+                targets.append(t)
+                valid.append(v)
+                labels.append(ref_kinds.pop() if len(ref_kinds) == 1 else -1)
+                families.append(str((chunk[i].meta or {}).get("family", "")))
+    stacked = torch.stack(states), keys, torch.stack(targets), torch.stack(valid), torch.tensor(labels)
+    return (*stacked, families)
+
+
 def long_head(
     recipe_path: str,
     world: str,
@@ -206,7 +282,9 @@ def long_head(
     lr: float,
     threads: int,
     eval_every: int,
-    oracle: bool = False,
+    mode: str = "lm",
+    oracle_steps: int = 600,
+    out: str | None = None,
 ) -> None:
     """The ``long-head`` experiment (module docstring): ``train_samples`` draws of ``recipe_path``'s
     mixture give the training slots (frozen-LM state [H], SAM embedding [256,h,w], target and valid
@@ -214,86 +292,50 @@ def long_head(
     linear decay to 5% of it); every ``eval_every`` steps one printed line with the training BCE/Dice
     means and the test split's mean IoU and pair IoU.
 
-    ``oracle``: no LM. A slot is (image, object kind), its target the union of the sample's instances
-    of that kind, and its SAM prompt a learned vector per kind (trained with the decoder): the text is
-    understood perfectly, so what is left is whether the decoder learns each kind's appearance from
-    SAM features in this budget and carries it to held-out scenes."""
+    ``mode``:
+
+    * ``lm``: the LISA head (standardised first) and the mask decoder trained on the LM's slot states.
+    * ``oracle``: no LM. A slot is (image, object kind), its target the union of the sample's instances
+      of that kind, and its SAM prompt a learned vector per kind (trained with the decoder): the text is
+      understood perfectly, so what is left is whether the decoder learns each kind's appearance from
+      SAM features in this budget and carries it to held-out scenes.
+    * ``distil``: a curriculum on the LM's slots, each labelled with its ref's object kind where it has
+      one. (1) A linear probe: can the kind be read off the frozen LM's state, on training and on
+      held-out test slots? (2) ``oracle_steps`` steps train a prompt per kind with the decoder on the
+      labelled slots, as ``oracle`` does. (3) The LISA head is fitted (MSE, decoder untouched) to map each
+      labelled state to its kind's prompt, so that it speaks the decoder's language from the start.
+      (4) ``steps`` steps train the head and the decoder together on every slot, as ``lm`` does.
+      ``out``: the model with this head and decoder, saved whole for ``bench/eval_synth_queries.py``.
+      ``oracle_steps`` 0 stops after the probe."""
     import random
 
     from reasonseg.data.readers import build_reader
-    from reasonseg.training.encoder_cache import frozen_features, image_features
     from reasonseg.training.losses import mask_losses
     from reasonseg.training.recipe import load_recipe
     from reasonseg.training.trainer import SampleStream, Trainer, _get_sample
 
+    if mode not in ("lm", "oracle", "distil"):
+        raise SystemExit(f"long-head: unknown mode {mode!r} (lm, oracle or distil)")
+    oracle = mode == "oracle"
     torch.set_num_threads(threads)
     random.seed(0)
     trainer = Trainer(load_recipe(recipe_path, ["train.progress_bar=false"]))
     m = trainer.model
     if not oracle:
         trainer.standardise_head_input(trainer.recipe.train.head_init_samples)
-    kind_of: dict[int, int] = {}  # annotation id -> object kind (category id), for the oracle
-    if oracle:
+    kind_of: dict[int, int] = {}  # annotation id -> object kind (category id)
+    if mode != "lm":
         instances = json.loads((Path(world) / "refer_seg" / "grefcoco" / "instances.json").read_text())
         kind_of = {int(a["id"]): int(a["category_id"]) for a in instances["annotations"]}
     embeddings: dict[str, torch.Tensor] = {}
     grid = m.sam.prompt_encoder.image_embedding_size  # (h, w) of the SAM embedding
-    side = 4 * grid[0]  # the mask decoder's output is 4x the embedding
-    stride = m.sam.image_size // side
-
-    def slots(samples: list) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
-        """Frozen-LM states at the [SEG] slots [n,H] (oracle: kind ids [n,1]), their image keys, targets
-        and valid pixels [n,side,side]."""
-        states, keys, targets, valid = [], [], [], []
-        seen: set[tuple[str, int]] = set()  # oracle: one slot per (image, kind)
-        for start in range(0, len(samples), 16):
-            batch = trainer.collate(samples[start : start + 16])
-            frozen = trainer._frozen_features(batch)  # through train.encoder_cache, if the recipe sets one
-            if frozen is None:
-                frozen = frozen_features(m, batch.pixels, batch.resized_hw)
-            if oracle:
-                for i, sample in enumerate(samples[start : start + 16]):
-                    key = batch.image_keys[i]
-                    embeddings.setdefault(key, frozen.sam_embeddings[i].to(torch.bfloat16))
-                    anns = [int(a) for a in (sample.meta or {}).get("ann_ids") or []]
-                    by_kind: dict[int, torch.Tensor] = {}
-                    for j, kind in enumerate(sample.target_kinds):
-                        if kind == "seg" and j < len(anns) and anns[j] in kind_of:
-                            mask = torch.as_tensor(batch.masks[i][j]).bool()
-                            k = kind_of[anns[j]]
-                            by_kind[k] = by_kind[k] | mask if k in by_kind else mask
-                    for k, mask in by_kind.items():
-                        if (key, k) in seen:
-                            continue
-                        seen.add((key, k))
-                        t, v = _low_res_target(mask.to(torch.uint8), batch.resized_hw[i], stride, side)
-                        states.append(torch.tensor([float(k)]))
-                        keys.append(key)
-                        targets.append(t)
-                        valid.append(v)
-                continue
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                images = image_features(m, frozen, batch.resized_hw, batch.original_hw)
-                off = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-                out = m(batch, images=images, decode_masks=False, logits_at=off)
-            for i, positions in enumerate(out.slot_positions):
-                key = batch.image_keys[i]
-                embeddings.setdefault(key, frozen.sam_embeddings[i].to(torch.bfloat16))
-                for j, pos in enumerate(positions.tolist()):
-                    if out.kinds[i][j] != "seg":
-                        continue
-                    mask = torch.as_tensor(batch.masks[i][j])
-                    t, v = _low_res_target(mask, batch.resized_hw[i], stride, side)
-                    states.append(out.hidden_states[i, pos - 1].float())
-                    keys.append(key)
-                    targets.append(t)
-                    valid.append(v)
-        return torch.stack(states), keys, torch.stack(targets), torch.stack(valid)
 
     stream = SampleStream(len(trainer.dataset), trainer.recipe.train.seed, 1)
-    train = slots([_get_sample(trainer.dataset, *stream.batch(k)[0]) for k in range(train_samples)])
+    draws = [_get_sample(trainer.dataset, *stream.batch(k)[0]) for k in range(train_samples)]
+    train = _slots(trainer, draws, embeddings, kind_of, oracle)
     reader = build_reader("synth", world, mode="eval", split="test", fixed_answer=True)
-    test = slots([s for s in (reader.get(k) for k in range(min(len(reader), 200))) if s is not None])
+    tests = [s for s in (reader.get(k) for k in range(min(len(reader), 200))) if s is not None]
+    test = _slots(trainer, tests, embeddings, kind_of, oracle)
     print(f"slots: {len(train[0])} train on {len(embeddings)} images, {len(test[0])} test", flush=True)
     if len(train[1]) < batch_size:
         raise SystemExit(
@@ -302,36 +344,32 @@ def long_head(
         )
 
     decoder, head, pe = m.sam.mask_decoder, m.text_hidden_fcs, m.sam.prompt_encoder
-    if oracle:
-        table = torch.nn.Embedding(max(kind_of.values()) + 1, decoder.transformer_dim)
-        torch.nn.init.normal_(table.weight, std=1.0)
-        head = lambda ids: table(ids[:, 0].long())  # noqa: E731
     weights = trainer.loss_weights  # the recipe's BCE and Dice weights
-    params = [*(table if oracle else head).parameters(), *decoder.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps)
-    )
+    table = torch.nn.Embedding(max(kind_of.values(), default=0) + 1, decoder.transformer_dim)
+    torch.nn.init.normal_(table.weight, std=1.0)
 
-    def masks(states: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    def by_kind(ids: torch.Tensor) -> torch.Tensor:
+        return table(ids.reshape(-1).long())
+
+    def masks(prompt, states: torch.Tensor, keys: list[str]) -> torch.Tensor:
         n = len(keys)
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *grid)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, _ = decoder(
                 image_embeddings=torch.stack([embeddings[k] for k in keys]).float(),
                 image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=head(states)[:, None],
+                sparse_prompt_embeddings=prompt(states)[:, None],
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
         return low[:, 0].float()  # [n,side,side]
 
-    def evaluate() -> str:
-        states, keys, targets, valid = test
+    def evaluate(prompt, slots) -> str:
+        states, keys, targets, valid = slots[:4]
         with torch.no_grad():
-            pred = torch.cat([masks(states[s : s + 32], keys[s : s + 32]) for s in range(0, len(keys), 32)])
+            pred = torch.cat(
+                [masks(prompt, states[s : s + 32], keys[s : s + 32]) for s in range(0, len(keys), 32)]
+            )
         pred = (pred > 0) & valid
         gt = targets.bool()
         iou = ((pred & gt).sum((1, 2)) / (pred | gt).sum((1, 2)).clamp_min(1)).mean()
@@ -343,36 +381,133 @@ def long_head(
         ]
         return f"test mean IoU {float(iou):.3f}, pair IoU {sum(pairs) / max(len(pairs), 1):.3f} ({len(pairs)} pairs)"
 
-    print(f"step 0: {evaluate()}", flush=True)
-    states, keys, targets, valid = train
-    history: list[tuple[float, float]] = []
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        idx = random.sample(range(len(keys)), batch_size)
-        logits = masks(states[idx], [keys[i] for i in idx])
-        # One entry per slot: each has its own valid region (its image's size).
-        bce_sum, dice_sum, count = mask_losses(
-            list(logits.split(1)),
-            [targets[i : i + 1] for i in idx],
-            [~valid[i] for i in idx],
-            weights=weights,
+    def fit(prompt, modules: list, slots, n_steps: int, check, label: str) -> None:
+        """``n_steps`` AdamW steps of the mask losses on ``slots``, training ``modules`` and the decoder;
+        ``check`` (a thunk) is printed every ``eval_every`` steps."""
+        params = [q for mod in [*modules, decoder] for q in mod.parameters()]
+        for q in params:
+            q.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / n_steps)
         )
-        bce, dice = bce_sum / count, dice_sum / count
-        loss = weights.bce * bce + weights.dice * dice
+        states, keys, targets, valid = slots[:4]
+        print(f"{label} step 0: {check()}", flush=True)
+        history: list[tuple[float, float]] = []
+        start = time.perf_counter()
+        for step in range(1, n_steps + 1):
+            idx = random.sample(range(len(keys)), batch_size)
+            logits = masks(prompt, states[idx], [keys[i] for i in idx])
+            # One entry per slot: each has its own valid region (its image's size).
+            bce_sum, dice_sum, count = mask_losses(
+                list(logits.split(1)),
+                [targets[i : i + 1] for i in idx],
+                [~valid[i] for i in idx],
+                weights=weights,
+            )
+            bce, dice = bce_sum / count, dice_sum / count
+            loss = weights.bce * bce + weights.dice * dice
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            history.append((float(bce.detach()), float(dice.detach())))
+            if step % eval_every == 0 or step == n_steps:
+                recent = history[-eval_every:]
+                print(
+                    f"{label} step {step}: BCE {sum(h[0] for h in recent) / len(recent):.3f} "
+                    f"Dice {sum(h[1] for h in recent) / len(recent):.3f} "
+                    f"({(time.perf_counter() - start) / step:.2f} s/step); {check()}",
+                    flush=True,
+                )
+
+    if mode != "distil":
+        prompt = by_kind if oracle else head
+        fit(prompt, [table if oracle else head], train, steps, lambda: evaluate(prompt, test), "long-head")
+        return
+
+    def labelled(slots):
+        rows = (slots[4] >= 0).nonzero().flatten()
+        keys, families = [slots[1][i] for i in rows.tolist()], [slots[5][i] for i in rows.tolist()]
+        return slots[0][rows], keys, slots[2][rows], slots[3][rows], slots[4][rows], families
+
+    train_l, test_l = labelled(train), labelled(test)
+    print(f"labelled slots: {len(train_l[1])} train, {len(test_l[1])} test", flush=True)
+    if len(train_l[1]) < batch_size or not test_l[1]:
+        raise SystemExit(
+            f"long-head --distil: {len(train_l[1])} training and {len(test_l[1])} test slots have a target "
+            f"of one object kind; it needs at least --batch-size {batch_size} and 1: ask for more samples"
+        )
+    _probe(train_l[0], train_l[4], test_l[0], test_l[4], test_l[5])
+    if oracle_steps == 0:
+        return  # the probe alone
+    fit(
+        lambda s: by_kind(s),
+        [table],
+        (train_l[4], *train_l[1:4]),
+        oracle_steps,
+        lambda: "oracle prompts: " + evaluate(by_kind, (test_l[4], *test_l[1:4])),
+        "distil (2) oracle",
+    )
+    # (3) the head learns to name each labelled state's kind prompt; the decoder is left as it is
+    target = table.weight.detach()[train_l[4]]
+    for q in head.parameters():
+        q.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for _ in range(400):
+        loss = torch.nn.functional.mse_loss(head(train_l[0]), target)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
-        history.append((float(bce.detach()), float(dice.detach())))
-        if step % eval_every == 0 or step == steps:
-            recent = history[-eval_every:]
-            print(
-                f"step {step}: BCE {sum(h[0] for h in recent) / len(recent):.3f} "
-                f"Dice {sum(h[1] for h in recent) / len(recent):.3f} "
-                f"({(time.perf_counter() - start) / step:.2f} s/step); {evaluate()}",
-                flush=True,
-            )
+    with torch.no_grad():
+        test_mse = float(torch.nn.functional.mse_loss(head(test_l[0]), table.weight[test_l[4]]))
+    print(
+        f"distil (3) head fitted: MSE {float(loss.detach()):.3f} train, {test_mse:.3f} test (labelled slots)"
+    )
+    print(f"distil (3) labelled test slots through the head: {evaluate(head, test_l)}")
+    fit(head, [head], train, steps, lambda: "all test slots: " + evaluate(head, test), "distil (4) joint")
+    if out:
+        for q in m.parameters():
+            q.requires_grad_(False)
+        print(m.eval().save_pretrained(out))
+
+
+def _probe(
+    x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, families: list[str]
+) -> None:
+    """Prints the accuracy of a linear classifier of ``y`` from standardised ``x`` (full-batch Adam,
+    weight decay 1e-3) on its training slots and on held-out ones, the majority-class baseline, and the
+    held-out accuracy per query family group (``families``: the test slots' synthetic-world families,
+    grouped by their prefix, e.g. ``sem`` for the ones that name the kind, and by whether the family
+    is one of the 8 never used in training)."""
+    from reasonseg.data.synth.queries import TEST_FAMILIES
+
+    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
+    classes = int(max(y.max(), y_test.max())) + 1
+    lin = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-3)
+    z, z_test = (x - mu) / sigma, (x_test - mu) / sigma
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(lin(z), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((lin(z).argmax(1) == y).float().mean())
+        right = lin(z_test).argmax(1) == y_test
+    majority = float((y_test == torch.bincount(y).argmax()).float().mean())
+    print(
+        f"distil (1) linear probe of the kind from the frozen LM state: {acc:.3f} train, "
+        f"{float(right.float().mean()):.3f} test (majority class {majority:.3f})",
+        flush=True,
+    )
+    groups: dict[str, list[bool]] = {}
+    for fam, ok in zip(families, right.tolist(), strict=True):
+        name = fam.split(".")[0] + (" (held-out wording)" if fam in TEST_FAMILIES else "")
+        groups.setdefault(name, []).append(ok)
+    for name, oks in sorted(groups.items()):
+        print(f"    test slots of family {name}: {sum(oks) / len(oks):.3f} of {len(oks)}", flush=True)
 
 
 def rej_margin(model_dir: str, world: str, limits: tuple[int, int], threads: int) -> None:
@@ -460,6 +595,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument(
         "--oracle", action="store_true", help="a learned prompt per object kind instead of the LM (no LM)"
     )
+    h.add_argument(
+        "--distil",
+        action="store_true",
+        help="probe, then oracle prompts, then the head fitted to them, then head + decoder (see above)",
+    )
+    h.add_argument(
+        "--oracle-steps",
+        type=int,
+        default=600,
+        help="--distil: steps of its oracle phase (0: stop after the probe)",
+    )
+    h.add_argument("--out", default=None, help="--distil: save the trained model here")
     r = sub.add_parser("rej-margin")
     r.add_argument("--model", default="models/lisa-mobile-synth")
     r.add_argument("--world", default="runs/synth")
@@ -485,7 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.lr,
             args.threads,
             args.eval_every,
-            args.oracle,
+            "oracle" if args.oracle else "distil" if args.distil else "lm",
+            args.oracle_steps,
+            args.out,
         )
     return 0
 

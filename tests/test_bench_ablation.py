@@ -29,9 +29,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.usefixtures("fresh_accelerator_state")
-@pytest.mark.parametrize("oracle", [False, True], ids=["lm-states", "oracle-prompts"])
+@pytest.mark.parametrize("mode", ["lm", "oracle", "distil"])
 def test_long_head_runs_on_the_tiny_model(
-    tmp_path: Path, world: Path, capsys: pytest.CaptureFixture[str], oracle: bool
+    tmp_path: Path, world: Path, capsys: pytest.CaptureFixture[str], mode: str
 ) -> None:
     import ablation_query_blindness as abl
 
@@ -45,22 +45,34 @@ def test_long_head_runs_on_the_tiny_model(
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    out_dir = str(tmp_path / "distilled")
     n = torch.get_num_threads()
     try:
         abl.main(
             f"long-head --recipe {path} --world {world} --train-samples 6 --steps 2 --batch-size 2 "
             "--threads 1 --eval-every 1".split()
-            + (["--oracle"] if oracle else [])
+            + {"lm": [], "oracle": ["--oracle"]}.get(
+                mode, ["--distil", "--oracle-steps", "2", "--out", out_dir]
+            )
         )
     finally:
         torch.set_num_threads(n)
     out = capsys.readouterr().out
     assert re.search(r"slots: \d+ train on \d+ images, \d+ test", out)
     steps = re.findall(r"step (\d+): BCE ([\d.]+) Dice ([\d.]+) .*mean IoU ([\d.]+), pair IoU ([\d.]+)", out)
-    assert [s[0] for s in steps] == ["1", "2"]
+    # distil: its oracle phase, then head and decoder together
+    assert [s[0] for s in steps] == ["1", "2"] * (2 if mode == "distil" else 1)
     for _, bce, dice, iou, pair in steps:
         assert math.isfinite(float(bce)) and 0 <= float(dice) <= 1
         assert 0 <= float(iou) <= 1 and 0 <= float(pair) <= 1
+    if mode == "distil":
+        probe = re.search(r"linear probe .*: ([\d.]+) train, ([\d.]+) test \(majority class ([\d.]+)\)", out)
+        assert probe and all(0 <= float(x) <= 1 for x in probe.groups())
+        assert re.search(r"test slots of family \w+.*: [\d.]+ of \d+", out)
+        assert re.search(r"head fitted: MSE [\d.]+ train, [\d.]+ test", out)
+        from reasonseg.model import LisaModel
+
+        assert isinstance(LisaModel.from_pretrained(out_dir), LisaModel)  # saved whole, loads back
 
 
 def test_rej_margin_runs_on_the_tiny_model(
