@@ -443,7 +443,7 @@ def long_head(
     if oracle_steps == 0:
         return  # the probe alone
     fit(
-        lambda s: by_kind(s),
+        by_kind,
         [table],
         (train_l[4], *train_l[1:4]),
         oracle_steps,
