@@ -209,8 +209,8 @@ def _slots(
 ) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """The training or test slots of ``samples``: frozen-LM states at the [SEG] slots [n,H] (``oracle``:
     kind ids [n,1], one slot per (image, kind)), their image keys, targets and valid pixels
-    [n,side,side] in the decoder's output frame, and each slot's object kind [n] (-1 when the target
-    spans several kinds or the sample names no annotations), and each slot's query family (the synthetic
+    [n,side,side] in the decoder's output frame, each slot's object kind [n] (-1 when the target spans
+    several kinds or the sample names no annotations) and each slot's query family (the synthetic
     world's ``family``, "" when the sample has none). The images' SAM embeddings go into ``embeddings``
     (bf16, by image key)."""
     from reasonseg.training.encoder_cache import frozen_features, image_features
