@@ -592,10 +592,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--lr", type=float, default=1e-3)
     h.add_argument("--threads", type=int, default=2)
     h.add_argument("--eval-every", type=int, default=150)
-    h.add_argument(
+    modes = h.add_mutually_exclusive_group()
+    modes.add_argument(
         "--oracle", action="store_true", help="a learned prompt per object kind instead of the LM (no LM)"
     )
-    h.add_argument(
+    modes.add_argument(
         "--distil",
         action="store_true",
         help="probe, then oracle prompts, then the head fitted to them, then head + decoder (see above)",

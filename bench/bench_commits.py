@@ -161,11 +161,11 @@ def main() -> None:
         return
     if not args.base:
         ap.error("--base REV is required")
+    if args.repeats < 1 or args.firsts < 1 or args.threads < 1:
+        ap.error("--repeats, --firsts and --threads must be >= 1")
     import torch
 
     torch.set_num_threads(args.threads)  # as the workers: the machine line of BENCHMARKS.md shows it
-    if args.repeats < 1 or args.firsts < 1 or args.threads < 1:
-        ap.error("--repeats, --firsts and --threads must be >= 1")
     if not (REPO_ROOT / "models" / "lisa-mobile-synth" / "config.json").is_file():
         raise SystemExit("bench_commits: models/lisa-mobile-synth is missing in this checkout")
     with tempfile.TemporaryDirectory(prefix="bench-commits-") as tmp:

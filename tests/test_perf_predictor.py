@@ -236,6 +236,8 @@ def test_stack_caches_and_per_prompt_prefixes_are_checked(model: LisaModel) -> N
         stack_caches([one, {"k": 1}])
     stacked = stack_caches([one, one])
     assert stacked.layers[0].keys.shape == (2, 2, 3, 4) and one.layers[0].keys.shape[0] == 1
+    with pytest.raises(ValueError, match="must have batch 1, got 2"):
+        stack_caches([stacked, stacked])
     pred = _predictor(model)
     ids = prompt_ids(model, "What?")
     cache, plen = pred._prefix_for(ids)  # type: ignore[misc]

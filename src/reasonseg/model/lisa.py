@@ -139,8 +139,8 @@ def stack_caches(caches: Sequence[Any]) -> Any:
             )
         if len(c.layers) != len(first.layers) or int(c.get_seq_length()) != int(first.get_seq_length()):
             raise ValueError("stack_caches: the caches differ in layer count or length")
-        if c.layers and c.layers[0].keys.shape[0] != 1:
-            raise ValueError(f"stack_caches: caches must have batch 1, got {c.layers[0].keys.shape[0]}")
+        if _cache_rows(c) != 1:
+            raise ValueError(f"stack_caches: caches must have batch 1, got {_cache_rows(c)}")
     out = fork_cache(first)
     for i, layer in enumerate(out.layers):
         layer.keys = torch.cat([c.layers[i].keys for c in caches])
