@@ -198,6 +198,48 @@ def test_kv_cached_generate_equals_the_uncached_reference_loop(trained, sample: 
     assert cached.masks[0].logits.shape == (3, 40, 56) and cached.masks[1].logits.shape[1:] == (37, 29)
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_static_cache_generate_equals_the_dynamic_cache(trained, sample: bool) -> None:
+    """The preallocated cache (the CUDA-graph path, run eagerly on a CPU) decodes the same answers as
+    the ordinary DynamicCache, left padding included, and reuses one decoder per (batch, length)."""
+    model, feats = trained
+    kw = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "seed": 3} if sample else {}
+    prompts = [prompt_ids(model, "Segment the cat."), prompt_ids(model, "Where is the dog, if any?")]
+    assert len(prompts[0]) != len(prompts[1])  # row 0 is left-padded
+    model.__dict__.pop("_static_decoders", None)
+    dynamic = model.generate(prompts, feats, max_new_tokens=24, static_cache=False, **kw)
+    static = model.generate(prompts, feats, max_new_tokens=24, static_cache=True, **kw)
+    _assert_same_generation(static, dynamic)
+    assert static.kinds[0] == ["seg", "rej", "seg"]
+    again = model.generate(prompts[::-1], feats.select([1, 0]), max_new_tokens=24, static_cache=True, **kw)
+    assert [s.tolist() for s in again.sequences] == [s.tolist() for s in static.sequences[::-1]]
+    assert len(model.__dict__["_static_decoders"]) == 1  # same batch and length bucket: one decoder
+
+
+def test_static_cache_returns_the_same_conversation_cache(trained) -> None:
+    model, feats = trained
+    p = prompt_ids(model, "Segment the cat.")
+    dynamic = model.generate([p], feats.select([0]), max_new_tokens=12, static_cache=False)
+    static = model.generate([p], feats.select([0]), max_new_tokens=12, static_cache=True)
+    (cd, ids_d), (cs, ids_s) = dynamic.cache, static.cache
+    assert ids_d.tolist() == ids_s.tolist()
+    assert cd.get_seq_length() == cs.get_seq_length() == len(ids_d)
+    for ld, ls in zip(cd.layers, cs.layers, strict=True):
+        torch.testing.assert_close(ls.keys, ld.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ls.values, ld.values, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_refuses_what_it_cannot_do(trained) -> None:
+    model, feats = trained
+    p = prompt_ids(model, "Segment the cat.")
+    with pytest.raises(ValueError, match="static_cache=True cannot be used with use_cache=False"):
+        model.generate([p], feats.select([0]), max_new_tokens=2, use_cache=False, static_cache=True)
+    prefix = model.prefix_cache(p[:-2], feats.select([0]))
+    with pytest.raises(ValueError, match="static_cache=True cannot be used with a prefix_cache"):
+        model.generate([p], feats.select([0]), max_new_tokens=2, prefix_cache=prefix, static_cache=True)
+    assert model._static_path(None, True, None) is False  # auto: CUDA only
+
+
 def test_batch_of_four_different_lengths_equals_one_at_a_time(trained) -> None:
     model, feats = trained
     questions = [
@@ -406,3 +448,18 @@ def test_a_merged_lora_is_stored_as_its_rank_even_when_small(magnitude: float) -
     assert factors is not None and factors[0].shape == (96, 8)
     assert float((w0 + factors[0] @ factors[1] - w).abs().max()) < 1e-6
     assert _lowrank(torch.randn(96, 160, generator=g), w, max_rank=32) is None  # a dense change stays dense
+
+
+def test_compile_image_encoder_keeps_names_and_outputs(trained) -> None:
+    model, _ = trained
+    import copy
+
+    m = copy.deepcopy(model)
+    x = torch.randn(1, 3, m.sam.image_size, m.sam.image_size)
+    with torch.no_grad():
+        before = m.sam.image_encoder(x)
+        keys = list(m.state_dict())
+        assert m.compile_image_encoder(backend="eager") is m  # "eager": no C++ toolchain needed here
+        after = m.sam.image_encoder(x)
+    assert list(m.state_dict()) == keys  # checkpoints are unchanged
+    torch.testing.assert_close(after, before)

@@ -1,0 +1,183 @@
+"""One-token LM steps over a preallocated KV cache, replayed from a CUDA graph.
+
+On a GPU an eager decoding step of a 7B LLaMA is bound by the host, not the device: some 500 kernel
+launches and the Python around them take ~30 ms, while the kernels need ~5 ms (the weights streamed
+once). :class:`StaticDecoder` removes the host from the loop: the KV cache is allocated once for the
+whole answer (:class:`StaticKVCache`, written in place at a position held in a device tensor), the
+attention mask is built on the device from that position, and one step (embedding lookup, every
+decoder layer, the final norm) is captured in a ``torch.cuda.CUDAGraph`` and replayed per token.
+
+The same code runs without the graph (``capture=False``, and on a CPU): that path is what the tests
+compare with the ordinary ``DynamicCache`` decoding, token for token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StaticKVCache:
+    """Keys/values of every layer in tensors sized ``max_len`` from the start, written in place.
+
+    ``length`` (a 0-d device tensor) is the number of positions written; a call of :meth:`update` with
+    ``n`` new positions writes columns ``length .. length+n-1`` and, at the last layer, advances it. The
+    attention layers get the whole ``max_len`` columns back, so the mask must hide the unwritten ones.
+    Implements the part of the ``transformers`` cache interface the decoder layers call (``update``,
+    ``get_seq_length``).
+    """
+
+    def __init__(self, num_layers: int, max_len: int, device: torch.device) -> None:
+        self.num_layers = num_layers
+        self.max_len = max_len
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer_idx] is None:  # shapes and dtype from the first call (the prefill)
+            b, h, _, _ = key.shape
+            self.keys[layer_idx] = key.new_zeros(b, h, self.max_len, key.shape[-1])
+            self.values[layer_idx] = value.new_zeros(b, h, self.max_len, value.shape[-1])
+        n = key.shape[-2]
+        where = torch.arange(n, device=key.device) + self.length
+        self.keys[layer_idx].index_copy_(2, where, key)
+        self.values[layer_idx].index_copy_(2, where, value)
+        if layer_idx == self.num_layers - 1:
+            self.length.add_(n)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.length)
+
+    def to_dynamic(self, config: Any) -> Any:
+        """A ``transformers`` ``DynamicCache`` holding copies of the written positions."""
+        from transformers import DynamicCache
+
+        n = int(self.length)
+        out = DynamicCache(config=config)
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            if k is None or v is None:
+                raise RuntimeError("StaticKVCache.to_dynamic: the cache was never filled")
+            out.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
+        return out
+
+
+class StaticDecoder:
+    """Greedy/sampled decoding support for :meth:`LisaModel.generate`: a prefill over the prompt, then
+    one-token steps, all over one :class:`StaticKVCache` of ``max_len`` positions.
+
+    One decoder serves many calls of the same batch size and ``max_len`` (:meth:`reset` between them):
+    its cache tensors and the recorded graph are reused, so the graph is recorded once.
+
+    Args:
+        mllm: the :class:`~reasonseg.model.mllm.MultimodalLM` (its ``decoder`` and embedding table).
+        batch, max_len: rows, and cache positions per row (prompt + answer).
+        device: where the cache lives.
+        capture: record the one-token step in a CUDA graph at the first :meth:`step` and replay it
+            afterwards (CUDA only). ``False``: run the same step eagerly.
+    """
+
+    def __init__(
+        self, mllm: nn.Module, batch: int, max_len: int, device: torch.device, *, capture: bool
+    ) -> None:
+        if capture and device.type != "cuda":
+            raise ValueError(f"StaticDecoder(capture=True) needs a CUDA device, got {device}")
+        self.mllm = mllm
+        b = batch
+        self.valid = torch.ones((b, max_len), dtype=torch.bool, device=device)
+        n_layers = int(mllm.lm.config.num_hidden_layers)
+        self.cache = StaticKVCache(n_layers, max_len, device)
+        self.kv_index = torch.arange(max_len, device=device)
+        self.capture = capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tok = torch.zeros((b, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros((b, 1), dtype=torch.long, device=device)
+        self.out: torch.Tensor | None = None
+
+    def reset(self, prompt_mask: torch.Tensor) -> None:
+        """Start a new batch: ``prompt_mask`` [B,t] (1 at real tokens, 0 at left padding)."""
+        t = prompt_mask.shape[1]
+        if prompt_mask.shape[0] != self.valid.shape[0] or t >= self.valid.shape[1]:
+            raise ValueError(
+                f"StaticDecoder.reset: a prompt mask of shape {tuple(prompt_mask.shape)} does not fit a "
+                f"cache of {self.valid.shape[0]} rows x {self.valid.shape[1]} positions"
+            )
+        self.valid.fill_(True)
+        self.valid[:, :t] = prompt_mask.bool()
+        self.cache.length.zero_()
+
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """embeds [B,t,H] at cache columns 0..t-1, positions [B,t] -> hidden [B,t,H] (after :meth:`reset`)."""
+        t = embeds.shape[1]
+        query = torch.arange(t, device=embeds.device)
+        causal = self.kv_index[None, :] <= query[:, None]  # [t, L]
+        # A padding query attends to itself as well, so that no row of the mask is empty (an empty row
+        # gives NaN, which would reach the masked keys of that column and from there every row).
+        own = self.kv_index[None, :] == query[:, None]
+        mask = (causal[None] & self.valid[:, None, :]) | own[None]  # [B, t, L]
+        return self._run(embeds, mask[:, None], positions)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [B,1] at the next cache column, positions [B,1] -> hidden [B,1,H] (a new tensor)."""
+        self.tok.copy_(tokens)
+        self.pos.copy_(positions)
+        if not self.capture:
+            return self._one_token()
+        if self.graph is None:
+            start = self.cache.length.clone()
+            self._record()
+            self.cache.length.copy_(start)
+            if self.graph is None:
+                return self._one_token()
+        assert self.out is not None
+        self.graph.replay()
+        return self.out.clone()
+
+    def to_dynamic(self) -> Any:
+        return self.cache.to_dynamic(self.mllm.lm.config)
+
+    def _one_token(self) -> torch.Tensor:
+        embeds = self.mllm.lm.get_input_embeddings()(self.tok)
+        mask = self.valid & (self.kv_index <= self.cache.length)  # [B, L]: written columns + this one
+        return self._run(embeds, mask[:, None, None, :], self.pos)
+
+    def _run(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # An additive mask (0 / most negative) is read the same by the sdpa and eager attentions.
+        bias = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device)
+        bias.masked_fill_(~mask, torch.finfo(embeds.dtype).min)
+        return self.mllm.run_decoder(embeds, bias, positions, self.cache, True)
+
+    def _record(self) -> None:
+        try:
+            self._capture()
+        except RuntimeError as err:  # e.g. an operation that synchronises, inside the LM's code
+            import warnings
+
+            warnings.warn(
+                f"StaticDecoder: recording the CUDA graph failed ({str(err).splitlines()[0]}); "
+                "decoding continues eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.capture, self.graph, self.out = False, None, None
+
+    def _capture(self) -> None:
+        # Warm-up on a side stream (lazy initialisations, library handles), as torch's graph capture
+        # asks; the warm-up writes the next cache column, which the real step overwrites.
+        start = self.cache.length.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._one_token()
+                self.cache.length.copy_(start)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self._one_token()
+        self.graph = graph
