@@ -45,7 +45,7 @@ from common import (  # noqa: E402
 )
 
 PARITY_BOUND = 1e-4
-MM_N = 2048
+MM_N = 2048  # on a CPU; a GPU needs a larger product to reach its rate (8192)
 MM_KEY = "_matmul_probe"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Narrow TinyViT used by --tiny (and by the random-weight parity test).
@@ -142,6 +142,23 @@ def count_flops(meta_model: nn.Module, batch: int, side: int) -> float:
     return float(counter.get_total_flops())
 
 
+def profile_table(model: object, x: torch.Tensor, device: torch.device, rows: int = 15) -> str:
+    """torch.profiler's operator table (sorted by self device time on a GPU, by self CPU time on a
+    CPU) for one call of ``model(x)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = synchronizer(device)
+    with torch.inference_mode():
+        model(x)  # type: ignore[operator]
+        sync()
+        with profile(activities=activities) as prof:
+            model(x)  # type: ignore[operator]
+            sync()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_t", choices=["vit_t", "vit_b", "vit_l", "vit_h"])
@@ -153,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--tiny", action="store_true", help="narrow random-weight encoders (seconds on a CPU)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours) (optional path)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's top operators of ours and the reference",
+    )
     ap.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
     ap.add_argument("--benchmarks-file", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -173,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         contenders[fp32_ref] = copy.deepcopy(ref).float()
         inputs[fp32_ref] = x.float()
     if args.compile:
-        contenders["ours + torch.compile"] = torch.compile(ours)
+        compiled = copy.deepcopy(ours)
+        compiled.compile()  # what LisaModel.compile_image_encoder does
+        contenders["ours + torch.compile"] = compiled
         inputs["ours + torch.compile"] = x
     sync = synchronizer(device)
     with torch.inference_mode():
@@ -185,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         # The matmul probe runs inside the same loop, so the rate reflects the same machine load; in
         # the encoder's dtype (bf16 runs on AMX / AVX-512 BF16 where the CPU has them).
         mm_dtype = dtype
-        a, b = (torch.randn(MM_N, MM_N, device=device, dtype=mm_dtype) for _ in range(2))
+        mm_n = 8192 if device.type == "cuda" else MM_N
+        a, b = (torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype) for _ in range(2))
         fns[MM_KEY] = partial(torch.matmul, a, b)
         times = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, sync=sync)
 
     flops = count_flops(meta, args.batch, side)
-    rate = 2 * MM_N**3 / median(times.pop(MM_KEY)) / 1e9
+    rate = 2 * mm_n**3 / median(times.pop(MM_KEY)) / 1e9
     ref_med = median(times[f"reference ({ref_label})"])
     rows = []
     for name, ts in times.items():
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{what}; median of {args.repeats} interleaved calls after {args.warmup} warm-up",
         f"encoder FLOPs per call: {flops / 1e9:.1f} GFLOP (multiply-add = 2)",
         f"dense matmul rate measured in the same loop ({args.dtype}, "
-        f"{MM_N}^3, median): {rate:.0f} GFLOP/s -> compute-bound floor for the encoder {flops / rate / 1e9 * 1e3:.0f} ms",
+        f"{mm_n}^3, median): {rate:.0f} GFLOP/s -> compute-bound floor for the encoder {flops / rate / 1e9 * 1e3:.0f} ms",
     ]
     if fp32_ref in times:
         notes.append(
@@ -244,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             path=args.benchmarks_file,
         )
         print(f"appended to {path}")
+    if args.profile:
+        for name in (f"reference ({ref_label})", "ours"):
+            print(f"\n== torch.profiler, {name}: top operators by self time, one call")
+            print(profile_table(contenders[name], inputs[name], device))
     worst = max(diffs[n] for n in contenders if n.startswith("ours"))
     if dtype == torch.float32 and worst >= PARITY_BOUND:
         print(

@@ -125,7 +125,7 @@ def remove_stand_ins() -> None:
     """Take the stand-ins out of ``sys.modules`` again. The references bind what they need from them
     at import time; left in place, a stand-in without a module spec breaks later
     ``importlib.util.find_spec("torchvision")`` calls (transformers makes them)."""
-    for name in [n for n, m in sys.modules.items() if getattr(m, "__reasonseg_stand_in__", False)]:
+    for name in [n for n, m in list(sys.modules.items()) if getattr(m, "__reasonseg_stand_in__", False)]:
         del sys.modules[name]
 
 

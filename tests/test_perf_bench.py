@@ -27,12 +27,15 @@ def test_gpu_bench_tiny_runs_on_cpu_and_appends(tmp_path: Path, capsys: pytest.C
     text = capsys.readouterr().out
     for row in (
         "generate 4 tokens, no KV cache (original loop)",
-        "generate 4 tokens, KV cache (ours)",
+        "generate 4 tokens, KV cache, eager steps",
         "teacher-forced eval, batch 1",
         "teacher-forced eval, batch 2",
     ):
         assert row in text
     assert "cached and uncached generation gave the same 4 tokens: True" in text
+    assert "CUDA graph" not in text  # a GPU-only row
+    gaps = text.split("near-ties): ")[1].splitlines()[0]  # "nocache 0, cache 0" in fp32
+    assert all(float(part.split()[1]) < 1e-4 for part in gaps.split(", ")), gaps
     section = out.read_text()
     assert "## LISA-7B architecture, random weights (tiny shapes, cpu)" in section
     assert "- machine: " in section and "- command: `" in section
