@@ -216,6 +216,38 @@ def test_static_cache_generate_equals_the_dynamic_cache(trained, sample: bool) -
     assert len(model.__dict__["_static_decoders"]) == 1  # same batch and length bucket: one decoder
 
 
+def test_static_cache_with_drafts_checks_the_lead_guess_in_the_prefill(trained) -> None:
+    """The guess appended to the prompt is verified in the static prefill; a wrong guess is rolled
+    back (its cache positions forgotten) and decoding goes on one token at a time."""
+    model, feats = trained
+    prompts = [prompt_ids(model, "Segment the cat."), prompt_ids(model, "Where is the dog, if any?")]
+    plain = model.generate(prompts, feats, max_new_tokens=24, static_cache=False)
+    right = [plain.sequences[0].tolist()]  # the exact answer of row 0: accepted whole for row 0
+    wrong = [[int(plain.sequences[0][0])] + [model.pad_token_id] * 6]  # one right token, then junk
+    from reasonseg.model.graph_decode import StaticDecoder
+
+    steps = []
+    real_step = StaticDecoder.step
+
+    def counting(self, tokens, positions):
+        steps.append(1)
+        return real_step(self, tokens, positions)
+
+    n_steps = {}
+    for name, drafts in (("right", right), ("wrong", wrong), ("templates", model.answer_drafts())):
+        steps.clear()
+        StaticDecoder.step = counting
+        try:
+            static = model.generate(prompts, feats, max_new_tokens=24, static_cache=True, drafts=drafts)
+        finally:
+            StaticDecoder.step = real_step
+        _assert_same_generation(static, plain)
+        n_steps[name] = len(steps)
+    # Row 1's answer differs from row 0's, so the batch stops accepting where the two part: the right
+    # guess still saves the steps of the answers' common start, the wrong one only its first token.
+    assert n_steps["right"] < n_steps["wrong"] <= max(len(q) for q in plain.sequences), n_steps
+
+
 def test_static_cache_returns_the_same_conversation_cache(trained) -> None:
     model, feats = trained
     p = prompt_ids(model, "Segment the cat.")

@@ -141,6 +141,11 @@ class StaticDecoder:
     def to_dynamic(self) -> Any:
         return self.cache.to_dynamic(self.mllm.lm.config)
 
+    def drop_last(self, n: int) -> None:
+        """Forget the last ``n`` written positions (a rejected draft); later steps overwrite them."""
+        if n:
+            self.cache.length.sub_(n)
+
     def _one_token(self) -> torch.Tensor:
         embeds = self.mllm.lm.get_input_embeddings()(self.tok)
         mask = self.valid & (self.kv_index <= self.cache.length)  # [B, L]: written columns + this one

@@ -573,8 +573,9 @@ class LisaModel(nn.Module):
                 launches (a 7B LLaMA: ~30 ms a token on an H100, against ~5 ms of kernels). ``None``
                 (default): on where it applies (CUDA, a cache, no ``prefix_cache``, ``sdpa``/``eager``
                 attention). ``True`` on a CPU, or with a bitsandbytes-quantised LM, runs the same steps
-                eagerly (no gain; the tests compare it with the ordinary cache). ``drafts`` are not used on this path (its steps are one
-                token).
+                eagerly (no gain; the tests compare it with the ordinary cache). Of ``drafts``, only the
+                guess appended to the prompt is used on this path (it is checked in the prefill); the
+                later steps are one token each.
 
         The mask embedding of a generated [SEG]/[REJ] is the last-layer hidden state that produced
         the logits it was chosen from (LISA's one-before rule), captured during decoding.
@@ -619,7 +620,6 @@ class LisaModel(nn.Module):
         embed_table = self.mllm.lm.get_input_embeddings()
         static = self._static_path(static_cache, use_cache, prefix_cache)
         pool = [[int(x) for x in d] for d in drafts or () if len(d)] if use_cache and not do_sample else []
-        pool = [] if static else pool
 
         out_tokens: list[list[int]] = [[] for _ in range(b)]
         slot_hidden: list[list[torch.Tensor]] = [[] for _ in range(b)]
@@ -656,7 +656,10 @@ class LisaModel(nn.Module):
                 if bool(finished.all()):
                     j = i + 1
                     break
-            _drop_last_tokens(cache, k - j)
+            if static:
+                decoder.drop_last(k - j)
+            else:
+                _drop_last_tokens(cache, k - j)
             mask = full_mask[:, : mask.shape[1] - (k - j)]
             last_pos = last_pos - (k - j)
             return hidden_tail[:, j]
@@ -701,7 +704,13 @@ class LisaModel(nn.Module):
             if bool(finished.all()) or n_out >= max_new_tokens:  # no LM step for an unused token
                 break
             history = out_tokens[int((~finished).nonzero()[0])]
-            draft = _propose_draft(history, pool, min(max_draft, max_new_tokens - n_out - 1)) if pool else []
+            # On the static path only the lead guess (verified in the prefill) is used: its steps are
+            # one token each, replayed from a CUDA graph.
+            draft = (
+                _propose_draft(history, pool, min(max_draft, max_new_tokens - n_out - 1))
+                if pool and not static
+                else []
+            )
             feed = torch.cat(
                 [nxt[:, None], torch.tensor(draft, device=self.device, dtype=nxt.dtype).expand(b, -1)], 1
             )
