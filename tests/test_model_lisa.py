@@ -266,10 +266,36 @@ def test_static_cache_refuses_what_it_cannot_do(trained) -> None:
     p = prompt_ids(model, "Segment the cat.")
     with pytest.raises(ValueError, match="static_cache=True cannot be used with use_cache=False"):
         model.generate([p], feats.select([0]), max_new_tokens=2, use_cache=False, static_cache=True)
-    prefix = model.prefix_cache(p[:-2], feats.select([0]))
-    with pytest.raises(ValueError, match="static_cache=True cannot be used with a prefix_cache"):
-        model.generate([p], feats.select([0]), max_new_tokens=2, prefix_cache=prefix, static_cache=True)
-    assert model._static_path(None, True, None) is False  # auto: CUDA only
+    assert model._static_path(None, True) is False  # auto: CUDA only
+
+
+def test_static_cache_starts_from_a_prefix_cache(trained) -> None:
+    """A prompt prefix's keys/values (one row shared by the batch, or one row per prompt) are copied
+    into the static cache; the answers equal the DynamicCache path's, and the prefix is left as it is."""
+    from reasonseg.model.lisa import stack_caches
+
+    model, feats = trained
+    questions = ["Segment the cat.", "Where is the dog, if any?"]
+    prompts = [prompt_ids(model, q) for q in questions]
+    plen = int((prompts[0] == model.image_token_id).nonzero().max()) + 1  # up to the image tokens
+    one = feats.select([0])
+    shared = model.prefix_cache(prompts[0][:plen], one)
+    before = shared[0].layers[0].keys.clone()
+    for prefix, images in (
+        (shared, one.select([0, 0])),
+        (
+            (
+                stack_caches([model.prefix_cache(prompts[0][:plen], feats.select([i]))[0] for i in (0, 1)]),
+                plen,
+            ),
+            feats,
+        ),
+    ):
+        kw = dict(max_new_tokens=16, prefix_cache=prefix, drafts=model.answer_drafts())
+        dynamic = model.generate(prompts, images, static_cache=False, **kw)
+        static = model.generate(prompts, images, static_cache=True, **kw)
+        _assert_same_generation(static, dynamic)
+    assert torch.equal(shared[0].layers[0].keys, before)
 
 
 def test_batch_of_four_different_lengths_equals_one_at_a_time(trained) -> None:

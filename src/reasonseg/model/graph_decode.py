@@ -54,6 +54,31 @@ class StaticKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.length)
 
+    def load(self, cache: Any, batch: int) -> int:
+        """Copy a ``transformers`` cache (1 row, shared by every row, or ``batch`` rows) into columns
+        ``0 .. n-1`` and set ``length`` to ``n``; returns ``n``."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != self.num_layers:
+            raise ValueError(
+                f"StaticKVCache.load: expected a transformers cache with {self.num_layers} layers, "
+                f"got {type(cache).__name__}"
+            )
+        n = 0
+        for i, layer in enumerate(layers):
+            k, v = layer.keys, layer.values
+            if k.shape[0] not in (1, batch):
+                raise ValueError(f"StaticKVCache.load: the cache has {k.shape[0]} rows for {batch} prompts")
+            n = k.shape[-2]
+            if n > self.max_len:
+                raise ValueError(f"StaticKVCache.load: {n} positions do not fit in {self.max_len}")
+            if self.keys[i] is None:
+                self.keys[i] = k.new_zeros(batch, k.shape[1], self.max_len, k.shape[-1])
+                self.values[i] = v.new_zeros(batch, v.shape[1], self.max_len, v.shape[-1])
+            self.keys[i][:, :, :n] = k
+            self.values[i][:, :, :n] = v
+        self.length.fill_(n)
+        return n
+
     def to_dynamic(self, config: Any) -> Any:
         """A ``transformers`` ``DynamicCache`` holding copies of the written positions."""
         from transformers import DynamicCache
@@ -111,16 +136,22 @@ class StaticDecoder:
         self.valid[:, :t] = prompt_mask.bool()
         self.cache.length.zero_()
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """embeds [B,t,H] at cache columns 0..t-1, positions [B,t] -> hidden [B,t,H] (after :meth:`reset`)."""
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """embeds [B,t,H] at cache columns start..start+t-1, positions [B,t] -> hidden [B,t,H] (after
+        :meth:`reset`, and :meth:`load_prefix` when ``start`` > 0)."""
         t = embeds.shape[1]
-        query = torch.arange(t, device=embeds.device)
+        query = torch.arange(start, start + t, device=embeds.device)
         causal = self.kv_index[None, :] <= query[:, None]  # [t, L]
         # A padding query attends to itself as well, so that no row of the mask is empty (an empty row
         # gives NaN, which would reach the masked keys of that column and from there every row).
         own = self.kv_index[None, :] == query[:, None]
         mask = (causal[None] & self.valid[:, None, :]) | own[None]  # [B, t, L]
         return self._run(embeds, mask[:, None], positions)
+
+    def load_prefix(self, cache: Any) -> int:
+        """Start from a prompt prefix's keys/values (a ``transformers`` cache of 1 or B rows, left as
+        it is); returns its length. Call after :meth:`reset`."""
+        return self.cache.load(cache, self.valid.shape[0])
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [B,1] at the next cache column, positions [B,1] -> hidden [B,1,H] (a new tensor)."""

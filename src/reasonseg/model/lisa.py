@@ -571,8 +571,8 @@ class LisaModel(nn.Module):
                 then replayed from a CUDA graph, recorded at the first call of a (batch, length) shape
                 and kept for later calls. The eager step of a large LM on a GPU is bound by kernel
                 launches (a 7B LLaMA: ~30 ms a token on an H100, against ~5 ms of kernels). ``None``
-                (default): on where it applies (CUDA, a cache, no ``prefix_cache``, ``sdpa``/``eager``
-                attention). ``True`` on a CPU, or with a bitsandbytes-quantised LM, runs the same steps
+                (default): on where it applies (CUDA, a cache, ``sdpa``/``eager`` attention; a
+                ``prefix_cache`` is copied into the static cache). ``True`` on a CPU, or with a bitsandbytes-quantised LM, runs the same steps
                 eagerly (no gain; the tests compare it with the ordinary cache). Of ``drafts``, only the
                 guess appended to the prompt is used on this path (it is checked in the prefill); the
                 later steps are one token each.
@@ -618,7 +618,7 @@ class LisaModel(nn.Module):
         vision = images.vision_tokens if images is not None else None
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         embed_table = self.mllm.lm.get_input_embeddings()
-        static = self._static_path(static_cache, use_cache, prefix_cache)
+        static = self._static_path(static_cache, use_cache)
         pool = [[int(x) for x in d] for d in drafts or () if len(d)] if use_cache and not do_sample else []
 
         out_tokens: list[list[int]] = [[] for _ in range(b)]
@@ -672,16 +672,22 @@ class LisaModel(nn.Module):
         cache = None
         if use_cache:
             if prefix_cache is not None:
-                cache = fork_cache(prefix_cache[0])
-                if b > 1 and _cache_rows(cache) == 1:
-                    cache.batch_repeat_interleave(b)
                 pos = positions_from_mask(mask)
                 # Only the tokens after the prefix are embedded; they hold the image placeholders
                 # when the prefix ends before the image (e.g. the system prompt alone).
                 rest_ids = ids[:, plen:]
                 has_image = bool((rest_ids == self.mllm.image_token_id).any())
                 rest = self.mllm.embed(rest_ids, vision if has_image else None)
-                hidden = self.mllm.run_decoder(rest, mask, pos[:, plen:], cache, True)
+                if static:
+                    decoder = self._static_decoder(b, t + max_new_tokens)
+                    decoder.reset(mask)
+                    decoder.load_prefix(prefix_cache[0])
+                    hidden = decoder.prefill(rest, pos[:, plen:], start=plen)
+                else:
+                    cache = fork_cache(prefix_cache[0])
+                    if b > 1 and _cache_rows(cache) == 1:
+                        cache.batch_repeat_interleave(b)
+                    hidden = self.mllm.run_decoder(rest, mask, pos[:, plen:], cache, True)
             elif static:
                 decoder = self._static_decoder(b, t + max_new_tokens)
                 decoder.reset(mask)
@@ -756,14 +762,12 @@ class LisaModel(nn.Module):
             conversation = (cache, torch.cat([ids[0, :t].cpu(), sequences[0][:fed]]))
         return GenerateOutput(sequences, texts, seg_embeddings, kinds, masks, conversation)
 
-    def _static_path(self, requested: bool | None, use_cache: bool, prefix_cache: Any) -> bool:
+    def _static_path(self, requested: bool | None, use_cache: bool) -> bool:
         """Whether :meth:`generate` decodes over a :class:`StaticDecoder` (see its ``static_cache``)."""
         attn = getattr(self.mllm.lm.config, "_attn_implementation", None)
         why = (
             "use_cache=False"
             if not use_cache
-            else "a prefix_cache"
-            if prefix_cache is not None
             else f"attn_implementation={attn!r} (sdpa or eager needed)"
             if attn not in ("sdpa", "eager")
             else None
