@@ -521,3 +521,15 @@ def test_compile_image_encoder_keeps_names_and_outputs(trained) -> None:
         after = m.sam.image_encoder(x)
     assert list(m.state_dict()) == keys  # checkpoints are unchanged
     torch.testing.assert_close(after, before)
+
+
+def test_static_decoder_made_in_inference_mode_serves_no_grad_calls(trained) -> None:
+    model, feats = trained
+    p = prompt_ids(model, "Segment the cat.")
+    model.__dict__.pop("_static_decoders", None)
+    with torch.inference_mode():
+        first = model.generate([p], feats.select([0]), max_new_tokens=8, static_cache=True)
+    again = model.generate([p], feats.select([0]), max_new_tokens=8, static_cache=True)  # no_grad only
+    assert first.sequences[0].tolist() == again.sequences[0].tolist()
+    cache, _ = again.cache
+    assert not cache.layers[0].keys.is_inference()  # the returned cache is an ordinary tensor

@@ -98,6 +98,9 @@ class StaticDecoder:
 
     One decoder serves many calls of the same batch size and ``max_len`` (:meth:`reset` between them):
     its cache tensors and the recorded graph are reused, so the graph is recorded once.
+    Its tensors are made and changed in inference mode whatever mode the caller is in (a decoder
+    first used under ``torch.inference_mode`` may be used again under ``torch.no_grad``); what it
+    returns can be read anywhere, but not trained through.
 
     Args:
         mllm: the :class:`~reasonseg.model.mllm.MultimodalLM` (its ``decoder`` and embedding table).
@@ -124,6 +127,7 @@ class StaticDecoder:
         self.pos = torch.zeros((b, 1), dtype=torch.long, device=device)
         self.out: torch.Tensor | None = None
 
+    @torch.inference_mode()
     def reset(self, prompt_mask: torch.Tensor) -> None:
         """Start a new batch: ``prompt_mask`` [B,t] (1 at real tokens, 0 at left padding)."""
         t = prompt_mask.shape[1]
@@ -136,6 +140,7 @@ class StaticDecoder:
         self.valid[:, :t] = prompt_mask.bool()
         self.cache.length.zero_()
 
+    @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, start: int = 0) -> torch.Tensor:
         """embeds [B,t,H] at cache columns start..start+t-1, positions [B,t] -> hidden [B,t,H] (after
         :meth:`reset`, and :meth:`load_prefix` when ``start`` > 0)."""
@@ -148,11 +153,13 @@ class StaticDecoder:
         mask = (causal[None] & self.valid[:, None, :]) | own[None]  # [B, t, L]
         return self._run(embeds, mask[:, None], positions)
 
+    @torch.inference_mode()
     def load_prefix(self, cache: Any) -> int:
         """Start from a prompt prefix's keys/values (a ``transformers`` cache of 1 or B rows, left as
         it is); returns its length. Call after :meth:`reset`."""
         return self.cache.load(cache, self.valid.shape[0])
 
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens [B,1] at the next cache column, positions [B,1] -> hidden [B,1,H] (a new tensor)."""
         self.tok.copy_(tokens)
@@ -170,8 +177,10 @@ class StaticDecoder:
         return self.out.clone()
 
     def to_dynamic(self) -> Any:
-        return self.cache.to_dynamic(self.mllm.lm.config)
+        with torch.inference_mode(False):  # ordinary tensors: the caller may extend them anywhere
+            return self.cache.to_dynamic(self.mllm.lm.config)
 
+    @torch.inference_mode()
     def drop_last(self, n: int) -> None:
         """Forget the last ``n`` written positions (a rejected draft); later steps overwrite them."""
         if n:

@@ -780,8 +780,9 @@ class LisaModel(nn.Module):
 
     def _static_decoder(self, batch: int, length: int) -> Any:
         """A :class:`StaticDecoder` for ``batch`` rows of at least ``length`` positions, reused across
-        calls (lengths are rounded up to a multiple of 64 so that nearby prompts share one; the four
-        most recently used are kept)."""
+        calls (lengths are rounded up to a multiple of 64 so that nearby prompts share one). Each holds
+        its keys/values (a 7B LLaMA in bf16: 0.5 MB a position and row) and its graph's memory, so only
+        the two most recently used are kept."""
         from reasonseg.model.graph_decode import StaticDecoder
 
         length = -(-length // 64) * 64
@@ -795,7 +796,7 @@ class LisaModel(nn.Module):
             capture = self.device.type == "cuda" and not quantized
             decoder = StaticDecoder(self.mllm, batch, length, self.device, capture=capture)
         pool[key] = decoder  # most recent last
-        while len(pool) > 4:
+        while len(pool) > 2:
             pool.pop(next(iter(pool)))
         return decoder
 
