@@ -11,7 +11,7 @@
 # reference for the ViT-H comparison; bitsandbytes, for 8-bit/4-bit) is looked for in .whl/site (an
 # unpacked site folder), then in the environment. Steps, each under its own time limit, each one's log
 # under OUTDIR; a failed step is reported and the next one still runs; the exit status counts failures:
-#   0. the tests marked gpu (skipped on machines without CUDA): the CUDA-graph decoding path
+#   0. tests/test_gpu_graph.py (marker gpu, skipped without CUDA): the CUDA-graph decoding path
 #   1. smoke: bench_gpu_lisa7b.py on tiny shapes on the GPU (fp32: the uncached loop, the eager cache
 #      and the CUDA-graph cache must give the same tokens)
 #   2. bench_gpu_lisa7b.py at full size (LISA-7B layout, bf16): the KV cache (eager steps, CUDA graph)
@@ -50,7 +50,7 @@ $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__
 $PY -c "import bitsandbytes, segment_anything; print('bitsandbytes', bitsandbytes.__version__, '| segment_anything ok')"
 
 if [ "$GROUP" != train ]; then
-step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_graph.py  # the GPU image lacks some test deps
 step smoke 120 $PY bench/bench_gpu_lisa7b.py --tiny --device cuda --dtype fp32 --repeats 1 --new-tokens 8 \
     --no-sam --no-append
 step lisa7b 360 $PY bench/bench_gpu_lisa7b.py --device cuda --dtype bf16 --repeats 5 --no-sam \

@@ -173,7 +173,8 @@ class StaticDecoder:
             if self.graph is None:
                 return self._one_token()
         assert self.out is not None
-        self.graph.replay()
+        with torch.cuda.device(self.valid.device):
+            self.graph.replay()
         return self.out.clone()
 
     def to_dynamic(self) -> Any:
@@ -215,14 +216,15 @@ class StaticDecoder:
         # Warm-up on a side stream (lazy initialisations, library handles), as torch's graph capture
         # asks; the warm-up writes the next cache column, which the real step overwrites.
         start = self.cache.length.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._one_token()
-                self.cache.length.copy_(start)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.out = self._one_token()
+        with torch.cuda.device(self.valid.device):  # the model's GPU, not necessarily the current one
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._one_token()
+                    self.cache.length.copy_(start)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self._one_token()
         self.graph = graph
