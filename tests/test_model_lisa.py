@@ -267,6 +267,17 @@ def test_static_cache_refuses_what_it_cannot_do(trained) -> None:
     with pytest.raises(ValueError, match="static_cache=True cannot be used with use_cache=False"):
         model.generate([p], feats.select([0]), max_new_tokens=2, use_cache=False, static_cache=True)
     assert model._static_path(None, True) is False  # auto: CUDA only
+    config = model.mllm.lm.config
+    had, old = hasattr(config, "layer_types"), getattr(config, "layer_types", None)
+    config.layer_types = ["sliding_attention"] + ["full_attention"] * (config.num_hidden_layers - 1)
+    try:
+        with pytest.raises(ValueError, match="cannot be used with an LM with sliding-window layers"):
+            model.generate([p], feats.select([0]), max_new_tokens=2, static_cache=True)
+    finally:
+        if had:
+            config.layer_types = old
+        else:
+            del config.layer_types
 
 
 def test_static_cache_starts_from_a_prefix_cache(trained) -> None:

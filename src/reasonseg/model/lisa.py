@@ -764,12 +764,20 @@ class LisaModel(nn.Module):
 
     def _static_path(self, requested: bool | None, use_cache: bool) -> bool:
         """Whether :meth:`generate` decodes over a :class:`StaticDecoder` (see its ``static_cache``)."""
-        attn = getattr(self.mllm.lm.config, "_attn_implementation", None)
+        config = self.mllm.lm.config
+        attn = getattr(config, "_attn_implementation", None)
+        # The static cache keeps every position for every layer: full attention only.
+        sliding = getattr(config, "sliding_window", None) is not None and getattr(
+            config, "use_sliding_window", True
+        )
+        sliding = sliding or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ())
         why = (
             "use_cache=False"
             if not use_cache
             else f"attn_implementation={attn!r} (sdpa or eager needed)"
             if attn not in ("sdpa", "eager")
+            else "an LM with sliding-window layers"
+            if sliding
             else None
         )
         if requested is None:
