@@ -571,11 +571,12 @@ class LisaModel(nn.Module):
                 then replayed from a CUDA graph, recorded at the first call of a (batch, length) shape
                 and kept for later calls. The eager step of a large LM on a GPU is bound by kernel
                 launches (a 7B LLaMA: ~30 ms a token on an H100, against ~5 ms of kernels). ``None``
-                (default): on where it applies (CUDA, a cache, ``sdpa``/``eager`` attention; a
-                ``prefix_cache`` is copied into the static cache). ``True`` on a CPU, or with a bitsandbytes-quantised LM, runs the same steps
-                eagerly (no gain; the tests compare it with the ordinary cache). Of ``drafts``, only the
-                guess appended to the prompt is used on this path (it is checked in the prefill); the
-                later steps are one token each.
+                (default): on where it applies (CUDA, a cache, ``sdpa``/``eager`` attention, no
+                sliding-window layers; a ``prefix_cache`` is copied into the static cache). ``True``
+                on a CPU, or with a bitsandbytes-quantised LM, runs the same steps eagerly (no gain;
+                the tests compare it with the ordinary cache). Of ``drafts``, only the guess appended
+                to the prompt is used on this path (it is checked in the prefill); the later steps
+                are one token each.
 
         The mask embedding of a generated [SEG]/[REJ] is the last-layer hidden state that produced
         the logits it was chosen from (LISA's one-before rule), captured during decoding.
