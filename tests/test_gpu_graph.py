@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lisa_tiny_helpers import prompt_ids, random_pixels, tiny_model, train_to_answer
+from reasonseg.model.lisa import static_decoders
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -43,6 +44,6 @@ def test_cuda_graph_generate_equals_the_eager_cache() -> None:
             assert [s.tolist() for s in graph.sequences] == [s.tolist() for s in eager.sequences], name
             for a, b in zip(graph.seg_embeddings, eager.seg_embeddings, strict=True):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    decoders = model.__dict__["_static_decoders"]
+    decoders = static_decoders(model)
     assert decoders and all(d.graph is not None for d in decoders.values())  # recorded, not eager
     assert model._static_path(None, True) is True  # the default on CUDA

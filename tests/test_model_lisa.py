@@ -20,7 +20,7 @@ from reasonseg.data.conversation import Turn, encode_conversation
 from reasonseg.model import LisaConfig, LisaModel
 from reasonseg.model.config import PRESETS, ProjectorConfig
 from reasonseg.model.delta import DeltaError, apply_delta, compute_delta
-from reasonseg.model.lisa import fork_cache
+from reasonseg.model.lisa import fork_cache, static_decoders
 from reasonseg.model.mllm import positions_from_mask
 
 
@@ -206,14 +206,17 @@ def test_static_cache_generate_equals_the_dynamic_cache(trained, sample: bool) -
     kw = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "seed": 3} if sample else {}
     prompts = [prompt_ids(model, "Segment the cat."), prompt_ids(model, "Where is the dog, if any?")]
     assert len(prompts[0]) != len(prompts[1])  # row 0 is left-padded
-    model.__dict__.pop("_static_decoders", None)
+    static_decoders(model).clear()
     dynamic = model.generate(prompts, feats, max_new_tokens=24, static_cache=False, **kw)
     static = model.generate(prompts, feats, max_new_tokens=24, static_cache=True, **kw)
     _assert_same_generation(static, dynamic)
     assert static.kinds[0] == ["seg", "rej", "seg"]
     again = model.generate(prompts[::-1], feats.select([1, 0]), max_new_tokens=24, static_cache=True, **kw)
     assert [s.tolist() for s in again.sequences] == [s.tolist() for s in static.sequences[::-1]]
-    assert len(model.__dict__["_static_decoders"]) == 1  # same batch and length bucket: one decoder
+    assert len(static_decoders(model)) == 1  # same batch and length bucket: one decoder
+    import copy
+
+    assert static_decoders(copy.deepcopy(model)) == {}  # a copy neither carries nor trips over them
 
 
 def test_static_cache_with_drafts_checks_the_lead_guess_in_the_prefill(trained) -> None:
@@ -537,7 +540,7 @@ def test_compile_image_encoder_keeps_names_and_outputs(trained) -> None:
 def test_static_decoder_made_in_inference_mode_serves_no_grad_calls(trained) -> None:
     model, feats = trained
     p = prompt_ids(model, "Segment the cat.")
-    model.__dict__.pop("_static_decoders", None)
+    static_decoders(model).clear()
     with torch.inference_mode():
         first = model.generate([p], feats.select([0]), max_new_tokens=8, static_cache=True)
     again = model.generate([p], feats.select([0]), max_new_tokens=8, static_cache=True)  # no_grad only

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,17 @@ def _cache_rows(cache: Any) -> int:
         if keys is not None and keys.numel():
             return int(keys.shape[0])
     return 1
+
+
+# Each model's static decoders (CUDA graphs, preallocated caches), outside the module so that copying
+# or pickling a model neither copies them nor trips over a graph.
+_STATIC_DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def static_decoders(model: nn.Module) -> dict[Any, Any]:
+    """The :class:`~reasonseg.model.graph_decode.StaticDecoder` pool of ``model`` ((batch, length,
+    device, dtype) -> decoder, least recently used first); ``.clear()`` frees their memory."""
+    return _STATIC_DECODERS.setdefault(model, {})
 
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -796,7 +808,7 @@ class LisaModel(nn.Module):
 
         length = -(-length // 64) * 64
         key = (batch, length, self.device, self.dtype)
-        pool: dict[Any, Any] = self.__dict__.setdefault("_static_decoders", {})
+        pool = static_decoders(self)
         decoder = pool.pop(key, None)
         if decoder is None:
             # bitsandbytes' 8-bit layers synchronise inside their matmul (outlier columns), which a
