@@ -54,6 +54,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUESTION = "Can you segment the animal that is sleeping in this image?"
 ANSWER = "Sure, it is [SEG]."
 LLAMA_VOCAB = 32000
+BF16_GAP = 0.25  # the most a path's emitted token may trail the greedy choice in bf16 (seen: <= 0.0625)
 
 
 def build_random_lisa7b(
@@ -101,7 +102,8 @@ def _peak(device: torch.device) -> Callable[[], float]:
 
 
 def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[str, list[str], bool]:
-    """Generation (KV cache vs the uncached loop) and teacher-forced throughput: (table, notes, same)."""
+    """Generation (KV cache vs the uncached loop) and teacher-forced throughput: (table, notes, ok), ok
+    when the paths' tokens agree (fp32) or each trails the greedy choice by at most BF16_GAP (else)."""
     sync = synchronizer(device)
     batches = [int(b) for b in args.batches.split(",") if b]
     size = "tiny shapes" if args.tiny else "full size"
@@ -134,6 +136,9 @@ def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     times = time_interleaved({k: gen(k) for k in paths}, repeats=args.repeats, warmup=1, sync=sync)
     same = all(v.tolist() == outs["nocache"].tolist() for v in outs.values()) and len(outs["cache"]) == n
     gaps = {k: _greedy_gap(model, prompt, feats, seq) for k, seq in outs.items()}
+    # In fp32 the paths must agree token for token; in bf16 a flipped near-tie is allowed, a token far
+    # from the greedy choice is not.
+    ok = same if dtype == torch.float32 else max(gaps.values()) <= BF16_GAP
     t_nc = median(times["nocache"])
     labels = {
         "nocache": f"generate {n} tokens, no KV cache (original loop)",
@@ -169,7 +174,7 @@ def speed(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         f"peak memory of this part: {peak_main:.2f} GiB"
         + (" (GPU, allocated)" if device.type == "cuda" else " (process peak RSS)"),
     ]
-    return table, notes, same
+    return table, notes, ok
 
 
 def _greedy_gap(model: Any, prompt: torch.Tensor, feats: Any, answer: torch.Tensor) -> float:
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = synchronizer(device)
     size = "tiny shapes" if args.tiny else "full size"
 
-    table, notes, same = speed(args, device, dtype)
+    table, notes, ok = speed(args, device, dtype)
     print(table)
     print("\n".join(notes))
     gc.collect()
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.benchmarks_file is not None:
             sam_args += ["--benchmarks-file", str(args.benchmarks_file)]
         bench_sam_encoder.main(sam_args)
-    return 0 if same or dtype != torch.float32 else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
