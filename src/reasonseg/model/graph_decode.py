@@ -36,13 +36,19 @@ class StaticKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
+    def _allocate(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, batch: int) -> None:
+        """Layer ``layer_idx``'s tensors [batch, heads, max_len, d], shaped and typed like ``key`` /
+        ``value`` [*, heads, n, d], on first use."""
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx] = key.new_zeros(batch, key.shape[1], self.max_len, key.shape[-1])
+            self.values[layer_idx] = value.new_zeros(batch, value.shape[1], self.max_len, value.shape[-1])
+
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer_idx] is None:  # shapes and dtype from the first call (the prefill)
-            b, h, _, _ = key.shape
-            self.keys[layer_idx] = key.new_zeros(b, h, self.max_len, key.shape[-1])
-            self.values[layer_idx] = value.new_zeros(b, h, self.max_len, value.shape[-1])
+        """Write ``key``/``value`` [B, heads, n, d] at columns ``length .. length+n-1`` of layer
+        ``layer_idx``; returns its whole [B, heads, max_len, d] keys and values."""
+        self._allocate(layer_idx, key, value, key.shape[0])  # first call: the prefill
         n = key.shape[-2]
         where = torch.arange(n, device=key.device) + self.length
         self.keys[layer_idx].index_copy_(2, where, key)
@@ -52,6 +58,7 @@ class StaticKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions written (a host sync)."""
         return int(self.length)
 
     def load(self, cache: Any, batch: int) -> int:
@@ -71,9 +78,7 @@ class StaticKVCache:
             n = k.shape[-2]
             if n > self.max_len:
                 raise ValueError(f"StaticKVCache.load: {n} positions do not fit in {self.max_len}")
-            if self.keys[i] is None:
-                self.keys[i] = k.new_zeros(batch, k.shape[1], self.max_len, k.shape[-1])
-                self.values[i] = v.new_zeros(batch, v.shape[1], self.max_len, v.shape[-1])
+            self._allocate(i, k, v, batch)
             self.keys[i][:, :, :n] = k
             self.values[i][:, :, :n] = v
         self.length.fill_(n)
@@ -116,15 +121,14 @@ class StaticDecoder:
         if capture and device.type != "cuda":
             raise ValueError(f"StaticDecoder(capture=True) needs a CUDA device, got {device}")
         self.mllm = mllm
-        b = batch
-        self.valid = torch.ones((b, max_len), dtype=torch.bool, device=device)
+        self.valid = torch.ones((batch, max_len), dtype=torch.bool, device=device)
         n_layers = int(mllm.lm.config.num_hidden_layers)
         self.cache = StaticKVCache(n_layers, max_len, device)
         self.kv_index = torch.arange(max_len, device=device)
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.tok = torch.zeros((b, 1), dtype=torch.long, device=device)
-        self.pos = torch.zeros((b, 1), dtype=torch.long, device=device)
+        self.tok = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.out: torch.Tensor | None = None
 
     @torch.inference_mode()
@@ -167,10 +171,8 @@ class StaticDecoder:
         if not self.capture:
             return self._one_token()
         if self.graph is None:
-            start = self.cache.length.clone()
             self._record()
-            self.cache.length.copy_(start)
-            if self.graph is None:
+            if self.graph is None:  # recording failed: eager from now on
                 return self._one_token()
         assert self.out is not None
         with torch.cuda.device(self.valid.device):
@@ -178,6 +180,7 @@ class StaticDecoder:
         return self.out.clone()
 
     def to_dynamic(self) -> Any:
+        """A ``transformers`` ``DynamicCache`` [B, heads, written, d] of ordinary tensors (copies)."""
         with torch.inference_mode(False):  # ordinary tensors: the caller may extend them anywhere
             return self.cache.to_dynamic(self.mllm.lm.config)
 
@@ -199,6 +202,9 @@ class StaticDecoder:
         return self.mllm.run_decoder(embeds, bias, positions, self.cache, True)
 
     def _record(self) -> None:
+        """Record the step's graph; on failure warn and go on eagerly. The cache length is as before
+        either way (the warm-up steps write the next column, which the real step overwrites)."""
+        start = self.cache.length.clone()
         try:
             self._capture()
         except RuntimeError as err:  # e.g. an operation that synchronises, inside the LM's code
@@ -211,10 +217,12 @@ class StaticDecoder:
                 stacklevel=3,
             )
             self.capture, self.graph, self.out = False, None, None
+        finally:
+            self.cache.length.copy_(start)
 
     def _capture(self) -> None:
         # Warm-up on a side stream (lazy initialisations, library handles), as torch's graph capture
-        # asks; the warm-up writes the next cache column, which the real step overwrites.
+        # asks; each warm-up step is undone by moving the length back.
         start = self.cache.length.clone()
         with torch.cuda.device(self.valid.device):  # the model's GPU, not necessarily the current one
             side = torch.cuda.Stream()

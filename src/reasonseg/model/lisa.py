@@ -684,16 +684,17 @@ class LisaModel(nn.Module):
             ids = torch.cat([ids, torch.tensor(lead, device=self.device).expand(b, -1)], dim=1)
         cache = None
         if use_cache:
+            pos = positions_from_mask(mask)
+            if static:
+                decoder = self._static_decoder(b, t + max_new_tokens)
+                decoder.reset(mask)
             if prefix_cache is not None:
-                pos = positions_from_mask(mask)
                 # Only the tokens after the prefix are embedded; they hold the image placeholders
                 # when the prefix ends before the image (e.g. the system prompt alone).
                 rest_ids = ids[:, plen:]
                 has_image = bool((rest_ids == self.mllm.image_token_id).any())
                 rest = self.mllm.embed(rest_ids, vision if has_image else None)
                 if static:
-                    decoder = self._static_decoder(b, t + max_new_tokens)
-                    decoder.reset(mask)
                     decoder.load_prefix(prefix_cache[0])
                     hidden = decoder.prefill(rest, pos[:, plen:], start=plen)
                 else:
@@ -702,13 +703,9 @@ class LisaModel(nn.Module):
                         cache.batch_repeat_interleave(b)
                     hidden = self.mllm.run_decoder(rest, mask, pos[:, plen:], cache, True)
             elif static:
-                decoder = self._static_decoder(b, t + max_new_tokens)
-                decoder.reset(mask)
-                pos = positions_from_mask(mask)
                 hidden = decoder.prefill(self.mllm.embed(ids, vision), pos)
             else:
                 cache = DynamicCache(config=self.mllm.lm.config)
-                pos = positions_from_mask(mask)
                 hidden = self.mllm.run_decoder(self.mllm.embed(ids, vision), mask, pos, cache, True)
             last_pos = pos[:, -1:]
             h_last = accept(hidden[:, hidden.shape[1] - len(lead) - 1 :], lead)  # [B,H]
