@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lisa_tiny_helpers import single_thread, tiny_model
-from reasonseg.model import precision
+from reasonseg.model import cpu_linear, precision
 from reasonseg.model.precision import DTYPE_NAMES, dtype_name, resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +174,44 @@ def test_cpu_linear_matches_f_linear_and_keeps_the_layer_intact() -> None:
     x = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)
     net(x).float().sum().backward()  # autograd takes F.linear
     assert x.grad is not None and net[0].weight.grad is not None
+
+
+@pytest.mark.skipif(not cpu_linear._CAN_PACK, reason="oneDNN without bf16 on this CPU")
+def test_cpu_linear_prepacks_several_bf16_rows_bit_for_bit() -> None:
+    """Several bf16 rows use a weight reordered once: equal to F.linear bit for bit, repacked when the
+    weight changes, never deep-copied or pickled; ``pack=False`` (and big LMs by default) keep F.linear."""
+    import pickle
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32, bias=False)).to(torch.bfloat16)
+    cpu_linear.use_cpu_linears(net)
+    assert net[0].pack and net[1].pack
+    with torch.no_grad():
+        for shape in [(3, 64), (2, 5, 64), (112, 64)]:
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            assert torch.equal(net[0](x), F.linear(x, net[0].weight, net[0].bias))
+        packed = net[0].__dict__["_packed"][2]
+        net(x)
+        assert net[0].__dict__["_packed"][2] is packed  # reused while the weight is unchanged
+        net[0].weight.mul_(2)
+        assert torch.equal(net[0](x), F.linear(x, net[0].weight, net[0].bias))
+        assert net[0].__dict__["_packed"][2] is not packed
+    clone = copy.deepcopy(net)
+    assert "_packed" not in clone[0].__dict__ and clone[0].pack
+    assert "_packed" not in pickle.loads(pickle.dumps(net))[0].__dict__
+    assert (
+        cpu_linear.plain_linears(net) == 2 and type(net[0]) is nn.Linear and "_packed" not in net[0].__dict__
+    )
+    big = nn.Linear(64, 96)
+    cpu_linear.use_cpu_linears(big, pack=None)
+    assert big.pack
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_linear, "PACK_MAX_PARAMS", 100)
+        cpu_linear.use_cpu_linears(big)
+    assert not big.pack
 
 
 def test_lm_linears_are_swapped_in_the_multimodal_lm() -> None:
