@@ -148,3 +148,19 @@ def test_prefill_cache_counts_a_hard_linked_file_once(tmp_path: Path) -> None:
     samples = [dataclasses.replace(base[k % 2], image=str(p), image_id=f"s{k}") for k, p in enumerate(names)]
     trainer = Trainer(recipe, model=model, dataset=samples, collate=collator_for(model))
     assert trainer.prefill_cache((0, 1), progress=False) == (2, 2)
+
+
+def test_objective_runs_only_the_heads_its_weights_use() -> None:
+    """CE weight 0: no LM head; BCE and Dice weight 0: no mask decoder, and only the CE term."""
+    from lisa_tiny_helpers import tiny_model
+    from reasonseg.training.trainer import LisaObjective
+    from train_support import collator_for, make_samples
+
+    model = tiny_model("lisa-mobile")
+    batch = collator_for(model)(make_samples(2))
+    calls: list[bool] = []
+    model.sam.mask_decoder.register_forward_hook(lambda *_: calls.append(True))
+    terms = LisaObjective(model, LossWeights(ce=1.0, bce=0.0, dice=0.0))(batch)
+    assert not calls and terms.mask_count == 0 and terms.ce_count > 0 and terms.ce_sum.requires_grad
+    terms = LisaObjective(model, LossWeights(ce=0.0))(batch)
+    assert calls and terms.mask_count > 0 and terms.ce_count == 0

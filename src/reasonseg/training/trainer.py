@@ -274,11 +274,13 @@ class LisaObjective(nn.Module):
         images = None
         if frozen is not None:
             images = image_features(self.model, frozen, batch.resized_hw, batch.original_hw)
-        # The LM head only where the CE loss reads it, and nowhere when CE has no weight.
+        # The LM head only where the CE loss reads it, and nowhere when CE has no weight; the mask
+        # decoder only when a mask loss has weight.
         logits_at = supervised_positions(batch.labels)
         if self.weights.ce == 0:
             logits_at = torch.zeros_like(logits_at)
-        out = self.model(batch, images=images, logits_at=logits_at)
+        decode = self.weights.bce != 0 or self.weights.dice != 0
+        out = self.model(batch, images=images, logits_at=logits_at, decode_masks=decode)
         return lisa_loss_terms(out, batch, self.weights, mask_loss_on_rej=self.mask_loss_on_rej)
 
 
