@@ -13,6 +13,8 @@ experiments of its model card.
         --steps 450 --eval-every 150 --out runs/distil20/model
     .venv/bin/python bench/ablation_query_blindness.py rej-margin --model models/lisa-mobile-synth \
         --world runs/synth
+    .venv/bin/python bench/ablation_query_blindness.py presence --world runs/synth20 \
+        --cache-dir runs/encoder-cache-mobile
 
 * ``spread``: for 8 different questions (no image: zero image tokens), the LM hidden state at the
   position that predicts ``[SEG]`` and the SAM prompt the LISA head makes of it. Printed: the pairwise
@@ -46,6 +48,15 @@ experiments of its model card.
   no-target queries. Printed per split: the mean margins, the AUC of the margin as a no-target
   detector (0.5: no signal), and the N-acc / T-acc on the test split of the bias on the margin that
   maximises (N-acc + T-acc) / 2 on the training split.
+* ``presence``: is the information a rejection needs in the image tokens the LM reads? For every image
+  of the world's train and test splits, which object kinds it shows (the annotations), and MobileSAM's
+  embedding average-pooled to g x g tokens, as the ``sam`` vision tower does (g = 8 for the LM's 64
+  tokens). Per grid, a multiple-instance probe scores each kind by the log-sum-exp over the tokens of a
+  per-token score (linear, or a one-hidden-layer MLP), trained on the training images (binary
+  cross-entropy, full-batch Adam, 400 steps) and tested on the held-out test images. Printed: the
+  macro-averaged AUC over kinds (0.5: no signal) and the balanced accuracy at probability 0.5 on both
+  splits, and the same for a probe of the mean over the tokens. A no-target query is one whose kind is
+  absent, so a probe that cannot tell presence from these tokens bounds what the LM can learn.
 """
 
 from __future__ import annotations
@@ -570,6 +581,121 @@ def rej_margin(model_dir: str, world: str, limits: tuple[int, int], threads: int
     )
 
 
+def _auc(score: torch.Tensor, label: torch.Tensor) -> float:
+    """Area under the ROC curve of ``score`` for binary ``label`` (ties count half); nan if one class."""
+    pos, neg = score[label], score[~label]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float() + 0.5 * (pos[:, None] == neg[None, :]).float()
+    return float(greater.mean())
+
+
+def presence(
+    world: str, cache_dir: str | None, grids: Sequence[int], steps: int, threads: int, tiny: bool = False
+) -> None:
+    """The ``presence`` experiment (module docstring); ``tiny``: the tiny random lisa-mobile (tests)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from reasonseg.data.transforms import SamTransform, load_image
+    from reasonseg.model import LisaModel
+    from reasonseg.training.encoder_cache import frozen_encoder_cache, frozen_features
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    root = Path(world) / "refer_seg"
+    instances = json.loads((root / "grefcoco" / "instances.json").read_text())
+    kinds = sorted({int(a["category_id"]) for a in instances["annotations"]})
+    column = {k: i for i, k in enumerate(kinds)}
+    shown: dict[int, set[int]] = {}
+    for a in instances["annotations"]:
+        shown.setdefault(int(a["image_id"]), set()).add(column[int(a["category_id"])])
+    m = LisaModel.from_preset("lisa-mobile", tiny=tiny).eval()  # MobileSAM, as the encoder cache
+    cache = frozen_encoder_cache(m, cache_dir) if cache_dir else None
+    transform = SamTransform(m.sam.image_size)
+    data: dict[str, tuple[dict[int, list[torch.Tensor]], torch.Tensor]] = {}
+    start = time.perf_counter()
+    for split in ("train", "test"):
+        images = [im for im in instances["images"] if im.get("synth", {}).get("split") == split]
+        pooled: dict[int, list[torch.Tensor]] = {g: [] for g in grids}
+        labels = torch.zeros(len(images), len(kinds), dtype=torch.bool)
+        for i0 in range(0, len(images), 8):
+            chunk = images[i0 : i0 + 8]
+            prepared = [
+                transform.prepare(load_image(root / "images" / "synth" / im["file_name"])) for im in chunk
+            ]
+            pixels = torch.stack([p.pixels for p in prepared])
+            with torch.no_grad():
+                emb = frozen_features(
+                    m, pixels, [p.resized_hw for p in prepared], cache
+                ).sam_embeddings.float()
+            for g in grids:
+                pooled[g].append(F.adaptive_avg_pool2d(emb, g).flatten(2).transpose(1, 2))  # [b, g*g, C]
+            for j, im in enumerate(chunk):
+                labels[i0 + j, sorted(shown.get(int(im["id"]), set()))] = True
+        data[split] = ({g: torch.cat(v) for g, v in pooled.items()}, labels)  # type: ignore[assignment]
+    n_train, n_test = len(data["train"][1]), len(data["test"][1])
+    print(
+        f"{n_train} train and {n_test} test images, {len(kinds)} kinds, {float(data['train'][1].float().sum(1).mean()):.2f} "
+        f"kinds per image; features in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+
+    def scores(net: torch.nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
+        if pool == "mean":
+            return net(x.mean(1))
+        return torch.logsumexp(net(x), dim=1) - float(np.log(x.shape[1]))  # soft max over the tokens
+
+    print("| grid | tokens | probe | train AUC | test AUC | train bal. acc | test bal. acc |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for g in grids:
+        x, y = data["train"][0][g], data["train"][1]
+        xt, yt = data["test"][0][g], data["test"][1]
+        mu, sigma = x.mean((0, 1)), x.std((0, 1)).clamp_min(1e-6)
+        x, xt = (x - mu) / sigma, (xt - mu) / sigma
+        for name, pool, hidden in (
+            ("mean, linear", "mean", 0),
+            ("tokens, linear", "mil", 0),
+            ("tokens, MLP", "mil", 256),
+        ):
+            if hidden and g > 16:
+                continue  # [802, 1024, 256] through an MLP for 400 steps is too slow on this CPU
+            torch.manual_seed(0)
+            c = x.shape[-1]
+            net = (
+                torch.nn.Sequential(
+                    torch.nn.Linear(c, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, len(kinds))
+                )
+                if hidden
+                else torch.nn.Linear(c, len(kinds))
+            )
+            opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+            for _ in range(steps):
+                loss = F.binary_cross_entropy_with_logits(scores(net, x, pool), y.float())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            row = [f"{g}x{g}", str(g * g), name]
+            cells = []
+            for feats, lab in ((x, y), (xt, yt)):
+                with torch.no_grad():
+                    s = scores(net, feats, pool)
+                aucs = [_auc(s[:, k], lab[:, k]) for k in range(len(kinds))]
+                pred = s > 0
+                bal = [
+                    0.5
+                    * (
+                        float(pred[lab[:, k], k].float().mean())
+                        + float((~pred[~lab[:, k], k]).float().mean())
+                    )
+                    for k in range(len(kinds))
+                    if lab[:, k].any() and (~lab[:, k]).any()
+                ]
+                cells.append((float(np.nanmean(aucs)), float(np.mean(bal))))
+            row += [f"{cells[0][0]:.3f}", f"{cells[1][0]:.3f}", f"{cells[0][1]:.3f}", f"{cells[1][1]:.3f}"]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -614,6 +740,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--limit-train", type=int, default=48)
     r.add_argument("--limit-test", type=int, default=100)
     r.add_argument("--threads", type=int, default=2)
+    q = sub.add_parser("presence")
+    q.add_argument("--world", default="runs/synth20")
+    q.add_argument("--cache-dir", default=None, help="the trainer's encoder cache (train.encoder_cache)")
+    q.add_argument("--grids", default="8,16,32", help="token grids to pool the SAM embedding to")
+    q.add_argument("--steps", type=int, default=400)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--tiny", action="store_true", help="the tiny random lisa-mobile (tests)")
     args = p.parse_args(argv)
     if args.cmd == "spread":
         spread(args.model, args.answer)
@@ -623,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         frozen_head(args.steps, args.threads, args.out)
     elif args.cmd == "rej-margin":
         rej_margin(args.model, args.world, (args.limit_train, args.limit_test), args.threads)
+    elif args.cmd == "presence":
+        grids = [int(g) for g in args.grids.split(",") if g]
+        presence(args.world, args.cache_dir, grids, args.steps, args.threads, args.tiny)
     else:
         long_head(
             args.recipe,

@@ -99,3 +99,25 @@ def test_rej_margin_runs_on_the_tiny_model(
         assert m, out
         assert math.isfinite(float(m.group(3)))
     assert re.search(r"bias chosen on train: \S+ -> test N-acc \S+, T-acc [\d.]+", out)
+
+
+def test_presence_probe_runs_on_the_tiny_model(world: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import ablation_query_blindness as abl
+
+    n = torch.get_num_threads()
+    try:
+        abl.main(f"presence --world {world} --grids 2,4 --steps 3 --threads 1 --tiny".split())
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    assert re.search(r"\d+ train and \d+ test images, \d+ kinds, [\d.]+ kinds per image", out), out
+    rows = re.findall(
+        r"\| (\d+)x\d+ \| (\d+) \| ([\w ,]+) \| ([\d.na]+) \| ([\d.na]+) \| ([\d.]+) \| ([\d.]+) \|", out
+    )
+    assert [(r[0], r[2]) for r in rows] == [
+        (g, probe) for g in ("2", "4") for probe in ("mean, linear", "tokens, linear", "tokens, MLP")
+    ]
+    for row in rows:
+        aucs = [float(x) for x in row[3:5] if x != "nan"]
+        assert aucs and all(0 <= a <= 1 for a in aucs)
+        assert all(0 <= float(x) <= 1 for x in row[5:])
