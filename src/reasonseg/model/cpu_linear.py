@@ -9,9 +9,11 @@ blocked layout on every call. Two cheaper paths, both without autograd:
   57.5 ms instead of 62.1 ms, and 77 instead of 86 ms in a second, more loaded run.
 * **several rows** (a prompt, a drafted answer): the weight is reordered once, kept beside the layer
   while the weight is unchanged, and multiplied by oneDNN's ``_linear_pointwise``, as ``torch.compile``
-  does on a CPU. SmolLM2-135M's 210 products, 1 thread: 112 rows 128 -> 86 ms, 24 rows 77 -> 66 ms.
-  On the built-in model's first query (1 thread) the whole query went from 1.40x to 1.30x the image
-  encoder. It costs a second copy of the weights, so it is on only for LMs of at most
+  does on a CPU. SmolLM2-135M's 210 products alone, 1 thread: 112 rows 128 -> 86 ms, 24 rows 77 ->
+  66 ms. In the built-in model (``bench/bench_commits.py``, interleaved, one slow phase of the machine)
+  ``predict`` went from 310.5 to 292.3 ms with 1 thread and from 212.3 to 185.2 ms with 2, the
+  follow-up from 233.8 to 220.8 and from 169.7 to 155.0 ms. It costs a second copy of the weights
+  (about 270 MB for SmolLM2-135M with its tied head), so it is on only for LMs of at most
   :data:`PACK_MAX_PARAMS` linear weights (SmolLM2 sizes; not a 7B LM, whose copy would be 13 GB).
 
 Float32 (where the prepacked kernel is not faster and not bit-equal), a GPU, autograd and
