@@ -202,6 +202,11 @@ def test_cpu_linear_prepacks_several_bf16_rows_bit_for_bit() -> None:
     clone = copy.deepcopy(net)
     assert "_packed" not in clone[0].__dict__ and clone[0].pack
     assert "_packed" not in pickle.loads(pickle.dumps(net))[0].__dict__
+    net.float()  # a cast drops the packed copy
+    assert "_packed" not in net[0].__dict__
+    with torch.no_grad():
+        net.bfloat16()(x)
+    assert "_packed" in net[0].__dict__
     assert (
         cpu_linear.plain_linears(net) == 2 and type(net[0]) is nn.Linear and "_packed" not in net[0].__dict__
     )

@@ -49,7 +49,8 @@ class CpuLinear(nn.Linear):
     """``nn.Linear`` with the bf16 CPU inference paths above. Same parameters and state-dict names;
     swapped in by class (:func:`use_cpu_linears`), so PEFT and ``isinstance`` checks still see an
     ``nn.Linear``. ``pack`` says whether several rows use a prepacked weight (set by
-    :func:`use_cpu_linears`); the packed copy is never pickled or deep-copied."""
+    :func:`use_cpu_linears`); the packed copy is dropped by a cast or a move, and never pickled or
+    deep-copied."""
 
     pack: bool = False
 
@@ -74,6 +75,10 @@ class CpuLinear(nn.Linear):
                 )
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         return F.linear(x, w, self.bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CpuLinear:
+        self.__dict__.pop("_packed", None)  # a cast or move: the packed copy would only hold memory
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
