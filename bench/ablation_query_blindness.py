@@ -555,11 +555,7 @@ def rej_margin(model_dir: str, world: str, limits: tuple[int, int], threads: int
         found[split] = (np.array(margins), np.array(negative, dtype=bool))
     for split, (mg, neg) in found.items():
         pos_m, neg_m = mg[~neg], mg[neg]
-        auc = (
-            float(np.mean([[(a > b) + 0.5 * (a == b) for b in pos_m] for a in neg_m]))
-            if len(neg_m)
-            else float("nan")
-        )
+        auc = _auc(torch.from_numpy(mg), torch.from_numpy(neg))  # the margin as a no-target detector
         print(
             f"{split}: {len(mg)} queries ({int(neg.sum())} no-target); margin [REJ]-[SEG] mean "
             f"{neg_m.mean() if len(neg_m) else float('nan'):.3f} no-target, {pos_m.mean():.3f} target; "
