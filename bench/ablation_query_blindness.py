@@ -578,7 +578,8 @@ def rej_margin(model_dir: str, world: str, limits: tuple[int, int], threads: int
 
 
 def _auc(score: torch.Tensor, label: torch.Tensor) -> float:
-    """Area under the ROC curve of ``score`` for binary ``label`` (ties count half); nan if one class."""
+    """Area under the ROC curve of ``score`` [n] for the bool ``label`` [n] (ties count half); nan if one
+    class is absent."""
     pos, neg = score[label], score[~label]
     if not len(pos) or not len(neg):
         return float("nan")

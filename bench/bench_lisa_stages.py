@@ -304,13 +304,11 @@ def main() -> None:
 
     # Per stage, the median over rounds of (its time / the encoder's in the same round): on a shared
     # machine whose speed drifts, a ratio of medians taken from different rounds can be far off.
-    ratio = {
-        k: median([t / e for t, e in zip(v, times["image encoder alone"], strict=True)])
-        for k, v in times.items()
+    rounds = {
+        k: [t / e for t, e in zip(v, times["image encoder alone"], strict=True)] for k, v in times.items()
     }
-    firsts = sorted(
-        t / e for t, e in zip(times["end-to-end first query"], times["image encoder alone"], strict=True)
-    )
+    ratio = {k: median(v) for k, v in rounds.items()}
+    firsts = sorted(rounds["end-to-end first query"])
     rows = [[name, f"{ms:.1f}", f"{ratio[name]:.3f}"] for name, ms in med.items()]
     rows.append([f"composed first query ({n}-token answer)", f"{first:.1f}", f"{first / enc:.3f}"])
     rows.append([f"composed follow-up ({n}-token answer)", f"{follow:.1f}", f"{follow / enc:.3f}"])

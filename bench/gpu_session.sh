@@ -14,8 +14,10 @@
 #       --platform manylinux_2_24_x86_64 -d .whl bitsandbytes segment-anything
 #   for w in .whl/*.whl; do unzip -q -o "$w" -d .whl/site; done; rm .whl/*.whl
 # and keep only the CUDA build of bitsandbytes' library that the GPU's torch uses
-# (libbitsandbytes_cuda130.so for torch+cu130) when the upload has a size limit. Steps, each under its own time limit, each one's log
-# under OUTDIR; a failed step is reported and the next one still runs; the exit status counts failures:
+# (libbitsandbytes_cuda130.so for torch+cu130) when the upload has a size limit.
+#
+# Steps, each under its own time limit, each one's log under OUTDIR; a failed step is reported and the
+# next one still runs; the exit status counts failures:
 #   0. tests/test_gpu_graph.py (marker gpu, skipped without CUDA): the CUDA-graph decoding path
 #   1. smoke: bench_gpu_lisa7b.py on tiny shapes on the GPU (fp32: the uncached loop, the eager cache
 #      and the CUDA-graph cache must give the same tokens)
