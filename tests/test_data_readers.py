@@ -379,6 +379,19 @@ def test_missing_and_broken_annotation_files(tmp_path: Path) -> None:
         build_reader("imagenet", tmp_path)
 
 
+def test_grefcoco_no_target_refs_filter(tmp_path: Path) -> None:
+    g, images, _ = write_grefcoco(tmp_path)
+    only = GRefCocoReader(g, images, "val", no_target_refs="only", mode="eval")
+    assert len(only) == 1 and only[0].target_kinds == ["rej"] and only[0].target_texts == ["the giraffe"]
+    dropped = GRefCocoReader(g, images, "val", no_target_refs="drop", mode="eval")
+    assert len(dropped) == 2 and all(s.target_kinds == ["seg", "seg"] for s in (dropped[0], dropped[1]))
+    assert len(GRefCocoReader(g, images, "val", no_target_refs="keep", mode="eval")) == 3
+    with pytest.raises(ValueError, match="no_target_refs must be one of"):
+        GRefCocoReader(g, images, "val", no_target_refs="some")
+    with pytest.raises(DataError, match="no refs of split 'train' left with no_target_refs='only'"):
+        GRefCocoReader(g, images, "train", no_target_refs="only")
+
+
 def test_grefcoco_gsva_named_expressions(tmp_path: Path) -> None:
     g, images, rle_mask = write_grefcoco(tmp_path)
     reader = GRefCocoReader(g, images, "val", expressions_per_sample=3, seed=2)

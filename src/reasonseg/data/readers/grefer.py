@@ -12,7 +12,10 @@ image: the answer gets a ``[REJ]`` slot and an all-zero mask. Splits: train / va
 With ``per_instance=True`` every annotation is its own ``[SEG]`` target, in the order of ``ann_id``;
 otherwise (GSVA's evaluation) the annotations are merged into one mask. A ref may carry
 ``synth.explanation`` (the synthetic world's reason for a knowledge query); in train mode it is appended
-to the answer with probability ``explanatory_rate``. With ``expressions_per_sample > 1`` (train mode), a
+to the answer with probability ``explanatory_rate``. ``no_target_refs`` keeps every ref (``"keep"``),
+only the no-target ones (``"only"``) or only those with a target (``"drop"``): a mixture can then give
+the no-target refs a rate of their own, to teach ``[REJ]`` more often than the data holds it (a GSVA-style sample then groups only refs of
+the kept set). With ``expressions_per_sample > 1`` (train mode), a
 phrase ref is asked together with other phrase refs of its image, GSVA style ("Can you segment the cat
 and the dog in this image?" -> "Sure, the cat: [SEG], the dog: [REJ]."), one merged mask per expression.
 """
@@ -30,6 +33,7 @@ from reasonseg.data.readers.coco import CocoInstances
 from reasonseg.data.samples import DataError, Sample, TargetKind
 
 NO_TARGET = -1
+NO_TARGET_REFS = ("keep", "only", "drop")
 
 
 def is_sentence(text: str) -> bool:
@@ -81,6 +85,7 @@ class GRefCocoReader(Reader):
         explanatory_rate: float = 0.1,
         fixed_answer: bool = False,
         expressions_per_sample: int = 1,
+        no_target_refs: str = "keep",
         mode: ReadMode = "train",
         seed: int = 0,
         skip_malformed: bool = False,
@@ -102,9 +107,18 @@ class GRefCocoReader(Reader):
         if not isinstance(refs, list):
             raise DataError(self.refs_path, "expected a JSON list of refs")
         self.coco = CocoInstances(self.root / "instances.json")
+        if no_target_refs not in NO_TARGET_REFS:
+            raise ValueError(f"no_target_refs must be one of {NO_TARGET_REFS}, got {no_target_refs!r}")
         self.refs: list[dict[str, Any]] = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
         if not self.refs:
             raise DataError(self.refs_path, f"no refs with split {split!r}")
+        if no_target_refs != "keep":
+            keep = no_target_refs == "only"
+            self.refs = [r for r in self.refs if (not self.target_ann_ids(r)) == keep]
+            if not self.refs:
+                raise DataError(
+                    self.refs_path, f"no refs of split {split!r} left with no_target_refs={no_target_refs!r}"
+                )
         self.refs_of_image: dict[int, list[int]] = {}
         for i, r in enumerate(self.refs):
             self.refs_of_image.setdefault(int(r.get("image_id", -1)), []).append(i)
