@@ -387,7 +387,7 @@ def test_grefcoco_no_target_refs_filter(tmp_path: Path) -> None:
     assert len(dropped) == 2 and all(s.target_kinds == ["seg", "seg"] for s in (dropped[0], dropped[1]))
     assert len(GRefCocoReader(g, images, "val", no_target_refs="keep", mode="eval")) == 3
     with pytest.raises(ValueError, match="no_target_refs must be one of"):
-        GRefCocoReader(g, images, "val", no_target_refs="some")
+        GRefCocoReader(g, images, "val", no_target_refs="some")  # type: ignore[arg-type]
     with pytest.raises(DataError, match="no refs of split 'train' left with no_target_refs='only'"):
         GRefCocoReader(g, images, "train", no_target_refs="only")
 

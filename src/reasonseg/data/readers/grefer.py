@@ -14,16 +14,16 @@ otherwise (GSVA's evaluation) the annotations are merged into one mask. A ref ma
 ``synth.explanation`` (the synthetic world's reason for a knowledge query); in train mode it is appended
 to the answer with probability ``explanatory_rate``. ``no_target_refs`` keeps every ref (``"keep"``),
 only the no-target ones (``"only"``) or only those with a target (``"drop"``): a mixture can then give
-the no-target refs a rate of their own, to teach ``[REJ]`` more often than the data holds it (a GSVA-style sample then groups only refs of
-the kept set). With ``expressions_per_sample > 1`` (train mode), a
-phrase ref is asked together with other phrase refs of its image, GSVA style ("Can you segment the cat
+the no-target refs a rate of their own, to teach ``[REJ]`` more often than the data holds it (a
+GSVA-style sample then groups only refs of the kept set). With ``expressions_per_sample > 1`` (train
+mode), a phrase ref is asked together with other phrase refs of its image, GSVA style ("Can you segment the cat
 and the dog in this image?" -> "Sure, the cat: [SEG], the dog: [REJ]."), one merged mask per expression.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class GRefCocoReader(Reader):
         explanatory_rate: float = 0.1,
         fixed_answer: bool = False,
         expressions_per_sample: int = 1,
-        no_target_refs: str = "keep",
+        no_target_refs: Literal["keep", "only", "drop"] = "keep",
         mode: ReadMode = "train",
         seed: int = 0,
         skip_malformed: bool = False,
@@ -102,13 +102,13 @@ class GRefCocoReader(Reader):
         if expressions_per_sample < 1:
             raise ValueError(f"expressions_per_sample must be >= 1, got {expressions_per_sample}")
         self.expressions_per_sample = expressions_per_sample
+        if no_target_refs not in NO_TARGET_REFS:
+            raise ValueError(f"no_target_refs must be one of {NO_TARGET_REFS}, got {no_target_refs!r}")
         self.refs_path = self.root / refs_file
         refs = read_json(self.refs_path)
         if not isinstance(refs, list):
             raise DataError(self.refs_path, "expected a JSON list of refs")
         self.coco = CocoInstances(self.root / "instances.json")
-        if no_target_refs not in NO_TARGET_REFS:
-            raise ValueError(f"no_target_refs must be one of {NO_TARGET_REFS}, got {no_target_refs!r}")
         self.refs: list[dict[str, Any]] = [r for r in refs if isinstance(r, dict) and r.get("split") == split]
         if not self.refs:
             raise DataError(self.refs_path, f"no refs with split {split!r}")
