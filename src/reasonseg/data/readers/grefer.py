@@ -16,14 +16,15 @@ to the answer with probability ``explanatory_rate``. ``no_target_refs`` keeps ev
 only the no-target ones (``"only"``) or only those with a target (``"drop"``): a mixture can then give
 the no-target refs a rate of their own, to teach ``[REJ]`` more often than the data holds it (a
 GSVA-style sample then groups only refs of the kept set). With ``expressions_per_sample > 1`` (train
-mode), a phrase ref is asked together with other phrase refs of its image, GSVA style ("Can you segment the cat
-and the dog in this image?" -> "Sure, the cat: [SEG], the dog: [REJ]."), one merged mask per expression.
+mode), a phrase ref is asked together with other phrase refs of its image, GSVA style ("Can you segment
+the cat and the dog in this image?" -> "Sure, the cat: [SEG], the dog: [REJ]."), one merged mask per
+expression.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -33,7 +34,8 @@ from reasonseg.data.readers.coco import CocoInstances
 from reasonseg.data.samples import DataError, Sample, TargetKind
 
 NO_TARGET = -1
-NO_TARGET_REFS = ("keep", "only", "drop")
+NoTargetRefs = Literal["keep", "only", "drop"]
+NO_TARGET_REFS: tuple[str, ...] = get_args(NoTargetRefs)
 
 
 def is_sentence(text: str) -> bool:
@@ -85,7 +87,7 @@ class GRefCocoReader(Reader):
         explanatory_rate: float = 0.1,
         fixed_answer: bool = False,
         expressions_per_sample: int = 1,
-        no_target_refs: Literal["keep", "only", "drop"] = "keep",
+        no_target_refs: NoTargetRefs = "keep",
         mode: ReadMode = "train",
         seed: int = 0,
         skip_malformed: bool = False,
@@ -113,8 +115,8 @@ class GRefCocoReader(Reader):
         if not self.refs:
             raise DataError(self.refs_path, f"no refs with split {split!r}")
         if no_target_refs != "keep":
-            keep = no_target_refs == "only"
-            self.refs = [r for r in self.refs if (not self.target_ann_ids(r)) == keep]
+            want_no_target = no_target_refs == "only"
+            self.refs = [r for r in self.refs if (not self.target_ann_ids(r)) == want_no_target]
             if not self.refs:
                 raise DataError(
                     self.refs_path, f"no refs of split {split!r} left with no_target_refs={no_target_refs!r}"
