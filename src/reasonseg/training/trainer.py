@@ -543,6 +543,10 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(r.to_yaml())
         if resumed is None and step == 0 and t.head_init_samples > 0:
+            if acc.num_processes == 1:
+                # on the GPU when there is one (prepare below puts it there anyway): on the host, the
+                # samples' image encoder passes took minutes of a GPU lease
+                self.model.to(acc.device)
             self.standardise_head_input(t.head_init_samples)
         objective = LisaObjective(self.model, self.loss_weights, mask_loss_on_rej=r.loss.mask_loss_on_rej)
         objective, optimizer = acc.prepare(objective, self.optimizer)
