@@ -15,6 +15,8 @@ experiments of its model card.
         --world runs/synth
     .venv/bin/python bench/ablation_query_blindness.py presence --world runs/synth20 \
         --cache-dir runs/encoder-cache-mobile
+    .venv/bin/python bench/ablation_query_blindness.py selection --world runs/synth \
+        --eval runs/eval2/test-gen runs/eval10/gpu750-test-gen
 
 * ``spread``: for 8 different questions (no image: zero image tokens), the LM hidden state at the
   position that predicts ``[SEG]`` and the SAM prompt the LISA head makes of it. Printed: the pairwise
@@ -57,6 +59,11 @@ experiments of its model card.
   macro-averaged AUC over kinds (0.5: no signal) and the balanced accuracy at probability 0.5 on both
   splits, and the same for a probe of the mean over the tokens. A no-target query is one whose kind is
   absent, so a probe that cannot tell presence from these tokens bounds what the LM can learn.
+* ``selection``: is a wrong mask a badly drawn target or a well drawn wrong object? For the target
+  queries of ``bench/eval_synth_queries.py`` runs (their ``per_sample.jsonl``), the IoU of the predicted
+  mask with every annotated object of the image. Printed per run: how often the mask lies on one object
+  (best IoU >= 0.5), how often that object is one of the query's targets, the chance that an object
+  drawn at random is a target, and the mean IoU with the target.
 """
 
 from __future__ import annotations
@@ -693,6 +700,62 @@ def presence(
             print("| " + " | ".join(row) + " |", flush=True)
 
 
+def selection(eval_dirs: Sequence[str], world: str) -> None:
+    """Which object the mask is, for the target queries of ``bench/eval_synth_queries.py`` runs."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from reasonseg.data.readers.coco import CocoInstances
+
+    root = Path(world) / "refer_seg" / "grefcoco"
+    refs = {r["ref_id"]: r for r in json.loads((root / "grefs(unc).json").read_text())}
+    coco = CocoInstances(root / "instances.json")
+    objects: dict[int, list[int]] = {}
+    for ann_id, ann in coco.anns.items():
+        objects.setdefault(int(ann["image_id"]), []).append(ann_id)
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        union = np.logical_or(a, b).sum()
+        return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+    print(
+        "| eval run | target queries | mask on one object (IoU >= 0.5) | that object a target | "
+        "chance of a target | mean IoU with the target |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for d in eval_dirs:
+        n = on_object = on_target = 0
+        chance, target_iou = [], []
+        for line in (Path(d) / "per_sample.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            ref = refs[int(rec["key"].split("-")[0])]
+            if ref.get("no_target"):
+                continue
+            im = coco.image(ref["image_id"])
+            pred = np.zeros((im["height"], im["width"]), dtype=bool)
+            for t in rec["targets"]:
+                if t.get("pred_rle"):
+                    rle = dict(t["pred_rle"], counts=t["pred_rle"]["counts"].encode())
+                    pred |= mask_utils.decode(rle).astype(bool)
+            ids = objects[ref["image_id"]]
+            masks = {i: coco.ann_mask(i).astype(bool) for i in ids}
+            ious = {i: iou(pred, m) for i, m in masks.items()}
+            best = max(ious, key=ious.__getitem__)
+            targets = set(ref["ann_id"])
+            truth = np.zeros_like(pred)
+            for i in targets & masks.keys():
+                truth |= masks[i]
+            n += 1
+            on_object += ious[best] >= 0.5
+            on_target += ious[best] >= 0.5 and best in targets
+            chance.append(len(targets & masks.keys()) / len(ids))
+            target_iou.append(iou(pred, truth))
+        print(
+            f"| {d} | {n} | {100 * on_object / n:.1f}% | {100 * on_target / n:.1f}% | "
+            f"{100 * float(np.mean(chance)):.1f}% | {float(np.mean(target_iou)):.3f} |"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -744,6 +807,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--steps", type=int, default=400)
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--tiny", action="store_true", help="the tiny random lisa-mobile (tests)")
+    c = sub.add_parser("selection")
+    c.add_argument("--eval", nargs="+", required=True, help="output folders of bench/eval_synth_queries.py")
+    c.add_argument("--world", default="runs/synth")
     args = p.parse_args(argv)
     if args.cmd == "spread":
         spread(args.model, args.answer)
@@ -753,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         frozen_head(args.steps, args.threads, args.out)
     elif args.cmd == "rej-margin":
         rej_margin(args.model, args.world, (args.limit_train, args.limit_test), args.threads)
+    elif args.cmd == "selection":
+        selection(args.eval, args.world)
     elif args.cmd == "presence":
         grids = [int(g) for g in args.grids.split(",") if g]
         presence(args.world, args.cache_dir, grids, args.steps, args.threads, args.tiny)

@@ -1,7 +1,8 @@
 """bench/ablation_query_blindness.py long-head and rej-margin run end to end on the tiny lisa-mobile and
 a small synthetic world. long-head: slot states are extracted once, the head and mask decoder take
 steps, and the test split's mean IoU and pair IoU are printed; rej-margin: the margins, AUCs and the
-calibrated bias are printed. Only that they run and print sane values is asserted."""
+calibrated bias are printed. Only that they run and print sane values is asserted. selection is checked
+on predictions made of the world's own object masks: the target itself, and another object."""
 
 from __future__ import annotations
 
@@ -121,3 +122,54 @@ def test_presence_probe_runs_on_the_tiny_model(world: Path, capsys: pytest.Captu
         aucs = [float(x) for x in row[3:5] if x != "nan"]
         assert aucs and all(0 <= a <= 1 for a in aucs)
         assert all(0 <= float(x) <= 1 for x in row[5:])
+
+
+def test_selection_tells_a_wrong_object_from_the_target(
+    tmp_path: Path, world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Predictions that are exactly the target object, and exactly another object of the same image."""
+    import json
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    import ablation_query_blindness as abl
+    from reasonseg.data.readers.coco import CocoInstances
+
+    root = world / "refer_seg" / "grefcoco"
+    coco = CocoInstances(root / "instances.json")
+    objects: dict[int, list[int]] = {}
+    for ann_id, ann in coco.anns.items():
+        objects.setdefault(int(ann["image_id"]), []).append(ann_id)
+
+    def rle_of(ann_id: int) -> dict:
+        rle = mask_utils.encode(np.asfortranarray(coco.ann_mask(ann_id)))
+        return {"counts": rle["counts"].decode(), "size": list(rle["size"])}
+
+    right, wrong = [], []
+    for ref in json.loads((root / "grefs(unc).json").read_text()):
+        objs = objects[ref["image_id"]]
+        if ref["no_target"] or len(ref["ann_id"]) != 1 or len(objs) < 2:
+            continue
+        target = ref["ann_id"][0]
+        other = next(i for i in objs if i != target)
+        for out, ann_id in ((right, target), (wrong, other)):
+            out.append({"key": f"{ref['ref_id']}-0", "targets": [{"pred_rle": rle_of(ann_id)}]})
+        if len(right) == 5:
+            break
+    assert len(right) == 5
+    dirs = []
+    for name, records in (("right", right), ("wrong", wrong)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "per_sample.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+        dirs.append(str(tmp_path / name))
+    abl.main(["selection", "--world", str(world), "--eval", *dirs])
+    rows = re.findall(
+        r"\| \S+/(right|wrong) \| (\d+) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \|",
+        capsys.readouterr().out,
+    )
+    by_name = {r[0]: r[1:] for r in rows}
+    assert by_name["right"][:3] == ("5", "100.0", "100.0")
+    assert float(by_name["right"][4]) == pytest.approx(1.0)
+    assert by_name["wrong"][:3] == ("5", "100.0", "0.0")
+    assert 0 < float(by_name["wrong"][3]) < 100 and float(by_name["wrong"][4]) < 0.5
