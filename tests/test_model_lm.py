@@ -71,3 +71,47 @@ def test_from_pretrained_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="unknown format 'zip'"):
         LisaModel.from_pretrained(tmp_path / "m")
+
+
+def test_gguf_special_tokens_are_read_and_pinned(tmp_path: Path) -> None:
+    """The ids a GGUF declares win over whatever transformers' conversion chose (model card, item 16)."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ids = lm_mod.gguf_special_token_ids(path)
+    assert ids == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}
+
+    tok = lm_mod.build_tiny_tokenizer()
+    tok.eos_token = tok.convert_ids_to_tokens(1)  # what a converter might have picked instead
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=320,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            eos_token_id=1,
+        )
+    )
+    lm_mod.pin_special_tokens(tok, model, ids)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id) == (1, 2, 0, 2)
+    assert (model.config.eos_token_id, model.config.pad_token_id, model.config.bos_token_id) == (2, 2, 1)
+    assert model.generation_config.eos_token_id == 2
+
+
+@pytest.mark.weights
+def test_smollm2_gguf_declares_im_end_as_end_and_pad() -> None:
+    from reasonseg.weights import fetch
+
+    ids = lm_mod.gguf_special_token_ids(fetch("smollm2_135m_instruct_gguf"))
+    assert ids == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}

@@ -107,6 +107,42 @@ def _is_complete(path: Path) -> bool:
     )
 
 
+_GGUF_SPECIAL_TOKENS = {
+    "bos": "bos_token",
+    "eos": "eos_token",
+    "unknown": "unk_token",
+    "padding": "pad_token",
+}
+
+
+def gguf_special_token_ids(path: str | Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares (``tokenizer.ggml.<name>_token_id``), keyed by the
+    tokenizer attribute they belong to (``bos_token``, ``eos_token``, ``unk_token``, ``pad_token``)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    out = {}
+    for name, attr in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if field is not None:
+            out[attr] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def pin_special_tokens(tokenizer: Any, model: Any, ids: dict[str, int]) -> None:
+    """Set the tokenizer's and the model config's special tokens to ``ids`` (from
+    :func:`gguf_special_token_ids`). transformers' GGUF conversion does not read them the same way in
+    every version (5.17 gave SmolLM2 ``<|im_start|>`` as end token and no pad token; the GGUF says
+    ``<|im_end|>`` for both), and the cached base must not depend on the version that wrote it."""
+    for attr, token_id in ids.items():
+        setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+        key = f"{attr}_id" if attr != "unk_token" else None
+        if key is not None:
+            for cfg in (model.config, getattr(model, "generation_config", None)):
+                if cfg is not None:
+                    setattr(cfg, key, token_id)
+
+
 def load_smollm2(*, progress: Callable[[str], None] | None = None) -> Path:
     """Local directory with SmolLM2-135M-Instruct as ``config.json`` + ``model.safetensors`` + tokenizer.
 
@@ -152,6 +188,7 @@ def load_smollm2(*, progress: Callable[[str], None] | None = None) -> Path:
             model.load_state_dict(quant.state_dict(), strict=True)
             del quant
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            pin_special_tokens(tokenizer, model, gguf_special_token_ids(gguf))
             source = f"registry:smollm2_135m_instruct_gguf ({gguf.name}, dequantised)"
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
