@@ -129,6 +129,9 @@ def _get_sample(dataset: Any, index: int, epoch: int) -> Any:
     return dataset[index]
 
 
+_END = object()  # end of the loader
+
+
 class _MicroBatches(torch.utils.data.Dataset):
     """Item p = this rank's collated share of global micro-batch p (built in a DataLoader worker)."""
 
@@ -299,6 +302,7 @@ class StepLog:
     lr: float
     grad_norm: float
     samples_per_s: float
+    data_wait: float = float("nan")  # share of the step's wall time spent waiting for the data loader
 
 
 @dataclass
@@ -566,8 +570,15 @@ class Trainer:
         t_step = time.perf_counter()
         last_ckpt: Path | None = None
         params = self.plan.parameters()
+        batches = iter(loader)
+        waited = 0.0  # seconds blocked on the loader during this optimiser step
         try:
-            for batch in loader:
+            while True:
+                t_wait = time.perf_counter()
+                batch = next(batches, _END)
+                if batch is _END:
+                    break
+                waited += time.perf_counter() - t_wait
                 with acc.accumulate(objective):
                     terms = objective(batch, self._frozen_features(batch))
                     counts = torch.tensor(
@@ -596,9 +607,18 @@ class Trainer:
                 step += 1
                 now = time.perf_counter()
                 rate = global_batch * t.grad_accum / max(now - t_step, 1e-9)
-                t_step = now
+                wait_share = waited / max(now - t_step, 1e-9)
+                t_step, waited = now, 0.0
                 log = StepLog(
-                    step, accum["loss"], accum["ce"], accum["bce"], accum["dice"], lr, grad_norm, rate
+                    step,
+                    accum["loss"],
+                    accum["ce"],
+                    accum["bce"],
+                    accum["dice"],
+                    lr,
+                    grad_norm,
+                    rate,
+                    wait_share,
                 )
                 history.append(log)
                 accum = dict.fromkeys(accum, 0.0)
@@ -642,13 +662,18 @@ class Trainer:
 
     def _log(self, log: StepLog, writer: Any, bar: Any) -> None:
         if writer is not None and log.step % self.recipe.train.log_every == 0:
-            for key in ("loss", "ce", "bce", "dice", "lr", "grad_norm", "samples_per_s"):
+            for key in ("loss", "ce", "bce", "dice", "lr", "grad_norm", "samples_per_s", "data_wait"):
                 value = getattr(log, key)
                 if math.isfinite(value):
                     writer.add_scalar(f"train/{key}", value, log.step)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}", samples_s=f"{log.samples_per_s:.2f}")
+            bar.set_postfix(
+                loss=f"{log.loss:.4f}",
+                lr=f"{log.lr:.2e}",
+                samples_s=f"{log.samples_per_s:.2f}",
+                data_wait=f"{log.data_wait:.0%}",
+            )
 
 
 def write_loss_curve(history: Sequence[StepLog], path: Path) -> Path | None:
