@@ -136,11 +136,11 @@ def pin_special_tokens(tokenizer: Any, model: Any, ids: dict[str, int]) -> None:
     ``<|im_end|>`` for both), and the cached base must not depend on the version that wrote it."""
     for attr, token_id in ids.items():
         setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
-        key = f"{attr}_id" if attr != "unk_token" else None
-        if key is not None:
-            for cfg in (model.config, getattr(model, "generation_config", None)):
-                if cfg is not None:
-                    setattr(cfg, key, token_id)
+        if attr == "unk_token":  # model configs have no unknown-token id
+            continue
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None:
+                setattr(cfg, f"{attr}_id", token_id)
 
 
 def load_smollm2(*, progress: Callable[[str], None] | None = None) -> Path:
