@@ -43,7 +43,7 @@ RUN=$($PY -c "import yaml; print(yaml.safe_load(open('$RECIPE'))['train']['outpu
 mkdir -p $ST/parts $ST/home
 
 export_run() {
-    rm -rf $ST/export
+    rm -rf $ST/export $ST/exported
     RS export $RUN --out $ST/export --delta >$ST/export.log 2>&1 && touch $ST/exported
 }
 
@@ -91,15 +91,16 @@ _driver)
     END=$2
     while [ ! -e $ST/synth.rc ]; do sleep 2; done
     echo "world rc $(cat $ST/synth.rc): $(tail -n 1 $ST/synth.log)"
+    [ "$(cat $ST/synth.rc)" = 0 ] || { touch $ST/done; exit 1; }
     # Probe: 30 steps, to measure the step rate on this machine.
     sed -e "s#output_dir: .*#output_dir: $ST/probe#" $RECIPE >$ST/probe.yaml
-    RS train $ST/probe.yaml --max-steps 30 >$ST/probe.log 2>&1 || { echo "probe failed"; tail -n 30 $ST/probe.log; exit 1; }
+    RS train $ST/probe.yaml --max-steps 30 >$ST/probe.log 2>&1 \
+        || { echo "probe failed"; tail -n 30 $ST/probe.log; touch $ST/done; exit 1; }
     RATE=$($PY - <<EOF
-import json
+import json, statistics, yaml
+t = yaml.safe_load(open("$RECIPE"))["train"]
 h = json.load(open("$ST/probe/history.json"))
-rates = [r["samples_per_s"] for r in h[10:]]
-rates.sort()
-print(rates[len(rates) // 2] / 32)
+print(statistics.median(r["samples_per_s"] for r in h[10:]) / (t["micro_batch_size"] * t.get("grad_accum", 1)))
 EOF
 )
     NOW=$(date +%s)
