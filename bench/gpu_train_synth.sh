@@ -25,6 +25,12 @@
 #                                                     # once exported, the delta in 15 MiB parts
 #   bash bench/gpu_train_synth.sh stop OUT            # end the run now, export its newest checkpoint,
 #                                                     # then as follow
+#   bash bench/gpu_train_synth.sh measure W [W ...]   # after setup: the recipe with random weights, 40
+#                                                     # steps per DataLoader worker count W; prints
+#                                                     # samples/s, data_wait and GPU utilisation. Needs
+#                                                     # only SmolLM2's tokenizer: a staged folder tok/
+#                                                     # holding the cache's tokenizer and config files
+#                                                     # and a reasonseg-complete.json listing them
 #
 # Staged files (any subset per call): mobile_sam.pt, SmolLM2-135M-Instruct.Q4_1.gguf or its .part-*
 # pieces, NotoColorEmoji.ttf, *.whl (gguf, pycocotools, imgviz and its cmap, which the GPU image lacks).
@@ -49,7 +55,7 @@ export_run() {
 
 case ${1:-} in
 stage)
-    cp -v "$2"/* $ST/parts/
+    cp -rv "$2"/* $ST/parts/
     ;;
 setup)
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $ST/site $ST/parts/*.whl || exit 1
@@ -139,8 +145,36 @@ follow | stop)
     tar cf "$OUT/misc.tar" -C $ST misc   # logs, TensorBoard events, history.json, the export but its delta
     ls -la "$OUT"
     ;;
+measure)
+    shift
+    while [ ! -e $ST/synth.rc ]; do sleep 1; done
+    echo "world rc $(cat $ST/synth.rc)"
+    LM=$ST/home/smollm2_135m_instruct
+    [ -e $LM ] || { mkdir -p $LM && cp $ST/parts/tok/* $LM/; }
+    for W in "$@"; do
+        sed -e "s/load_base_weights: true/load_base_weights: false/; s/num_workers: .*/num_workers: $W/" \
+            -e "s#output_dir: .*#output_dir: $ST/w$W#; s/log_every: .*/log_every: 1/" \
+            -e "s/head_init_samples: .*/head_init_samples: 0/; s/checkpoint_every: .*/checkpoint_every: 1000/" \
+            $RECIPE >$ST/w$W.yaml
+        nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 >$ST/util$W.txt &
+        SMI=$!
+        T0=$SECONDS
+        timeout 150 $PY -c 'import sys; from reasonseg.cli import main; sys.exit(main())' train $ST/w$W.yaml \
+            --max-steps 40 >$ST/w$W.log 2>&1
+        echo "workers $W: rc $? wall $((SECONDS - T0)) s"
+        kill $SMI
+        $PY - <<EOF
+import json, statistics as st
+t = json.load(open("$ST/w$W/history.json"))[5:]
+u = [float(x) for x in open("$ST/util$W.txt").read().split()]
+print(f"  steps 6-{len(t) + 5}: median {st.median(x['samples_per_s'] for x in t):.1f} samples/s, median "
+      f"data_wait {st.median(x['data_wait'] for x in t):.3f} (max {max(x['data_wait'] for x in t):.3f}); "
+      f"GPU utilisation: mean {st.mean(u):.0f}% over {len(u)} readings")
+EOF
+    done
+    ;;
 *)
-    echo "usage: $0 stage DIR | setup | start END_EPOCH | follow SECONDS OUT | stop OUT" >&2
+    echo "usage: $0 stage DIR | setup | start END_EPOCH | follow SECONDS OUT | stop OUT | measure W..." >&2
     exit 2
     ;;
 esac
