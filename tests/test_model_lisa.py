@@ -138,6 +138,31 @@ def test_mask_embedding_is_taken_one_position_before_each_slot(trained) -> None:
     torch.testing.assert_close(direct.logits, out.masks[0].logits)
 
 
+def test_batched_mask_decoding_equals_one_call_per_sample(trained) -> None:
+    """decode_masks_batch (one mask-decoder call for every slot of every image) gives each sample what
+    decode_masks gives it alone, also with a sample without slots and images of different sizes."""
+    model, feats = trained
+    was_training = model.training
+    model.eval()  # no dropout in the head: both paths must see the same prompts
+    torch.manual_seed(0)
+    hidden = [torch.randn(3, model.mllm.hidden_size), torch.randn(0, model.mllm.hidden_size)]
+    hidden.append(torch.randn(1, model.mllm.hidden_size))
+    images = feats.select([0, 1, 0])
+    kinds = [["seg", "rej", "seg"], [], ["seg"]]
+    batched = model.decode_masks_batch(hidden, images, kinds)
+    for i, got in enumerate(batched):
+        alone = model.decode_masks(
+            hidden[i], images.sam_embeddings[i : i + 1], images.resized_hw[i], images.original_hw[i], kinds[i]
+        )
+        assert got.kinds == alone.kinds and got.logits.shape == alone.logits.shape
+        for a, b in ((got.logits, alone.logits), (got.low_res_logits, alone.low_res_logits)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.iou_pred, alone.iou_pred, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.embeddings, alone.embeddings)
+    assert batched[1].logits.shape == (0, 37, 29)
+    model.train(was_training)
+
+
 def test_logits_at_selected_positions_match_the_full_head(trained) -> None:
     model, feats = trained
     enc = _scripted_conversation(model)

@@ -400,25 +400,84 @@ class LisaModel(nn.Module):
         """LM hidden states of n slots [n,H] + one image's SAM embedding [1,256,h,w] -> masks [n,H0,W0]."""
         from reasonseg.data.transforms import postprocess_masks
 
-        prompt = self.text_hidden_fcs(hidden)  # [n,256]
-        n = prompt.shape[0]
         oh, ow = original_hw
         h, w = sam_embedding.shape[-2:]
-        if n == 0:
+        if hidden.shape[0] == 0:
+            prompt = self.text_hidden_fcs(hidden)
             empty = prompt.new_zeros(0, oh, ow)
             return MaskPrediction(empty, prompt.new_zeros(0, 4 * h, 4 * w), prompt.new_zeros(0), [], prompt)
+        prompt, low_res, iou = self._run_mask_decoder(hidden, sam_embedding)
+        full = postprocess_masks(low_res, resized_hw, original_hw, target_length=self.sam.image_size)
+        return MaskPrediction(full[:, 0], low_res[:, 0], iou[:, 0], list(kinds), prompt)
+
+    def decode_masks_batch(
+        self, hidden: Sequence[torch.Tensor], images: ImageFeatures, kinds: Sequence[list[TargetKind]]
+    ) -> list[MaskPrediction]:
+        """:meth:`decode_masks` for every sample of a batch (``hidden[i]`` [n_i,H], row i of ``images``),
+        with one mask-decoder call for all slots of all images instead of one call per sample: a
+        training step then launches a few hundred operations for its masks instead of thousands per
+        sample (on a GPU the per-sample calls, not the arithmetic, bound the step). Only the resize to
+        each image's own size stays per sample."""
+        from reasonseg.data.transforms import postprocess_masks
+
+        counts = [int(h.shape[0]) for h in hidden]
+        owners = [i for i, c in enumerate(counts) if c]
+        if len(owners) <= 1:  # one image at most: its embedding is shared by its prompts, as in inference
+            return [
+                self.decode_masks(
+                    hidden[i],
+                    images.sam_embeddings[i : i + 1],
+                    images.resized_hw[i],
+                    images.original_hw[i],
+                    kinds[i],
+                )
+                for i in range(len(hidden))
+            ]
+        emb = images.sam_embeddings
+        index = torch.repeat_interleave(
+            torch.tensor(owners, device=emb.device),
+            torch.tensor([counts[i] for i in owners], device=emb.device),
+        )
+        prompt, low_res, iou = self._run_mask_decoder(
+            torch.cat([hidden[i] for i in owners]), emb.index_select(0, index)
+        )
+        out: list[MaskPrediction] = []
+        start = 0
+        for i, n in enumerate(counts):
+            if n == 0:
+                sam_i = emb[i : i + 1]
+                out.append(
+                    self.decode_masks(hidden[i], sam_i, images.resized_hw[i], images.original_hw[i], [])
+                )
+                continue
+            rows = slice(start, start + n)
+            start += n
+            full = postprocess_masks(
+                low_res[rows], images.resized_hw[i], images.original_hw[i], target_length=self.sam.image_size
+            )
+            out.append(
+                MaskPrediction(full[:, 0], low_res[rows, 0], iou[rows, 0], list(kinds[i]), prompt[rows])
+            )
+        return out
+
+    def _run_mask_decoder(
+        self, hidden: torch.Tensor, sam_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n slots' hidden states [n,H] and their image embedding ([1,...] shared, or [n,...] one per
+        slot) -> (SAM prompts [n,256], low-res mask logits [n,1,4h,4w], IoU predictions [n,1])."""
+        prompt = self.text_hidden_fcs(hidden)  # [n,256]
+        n = prompt.shape[0]
+        h, w = sam_embedding.shape[-2:]
         pe = self.sam.prompt_encoder
-        sparse = prompt.unsqueeze(1)  # [n,1,256]: the only sparse prompt
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
         low_res, iou = self.sam.mask_decoder(
             image_embeddings=sam_embedding,
             image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
+            sparse_prompt_embeddings=prompt.unsqueeze(1),  # the only sparse prompt
             dense_prompt_embeddings=dense,
             multimask_output=False,
-        )  # [n,1,4h,4w], [n,1]
-        full = postprocess_masks(low_res, resized_hw, original_hw, target_length=self.sam.image_size)
-        return MaskPrediction(full[:, 0], low_res[:, 0], iou[:, 0], list(kinds), prompt)
+        )
+        return prompt, low_res, iou
 
     # ------------------------------------------------------------------------------------ teacher forced
 
@@ -480,32 +539,30 @@ class LisaModel(nn.Module):
         slot_ids = torch.tensor(self.slot_token_ids(), device=input_ids.device)
         is_slot = torch.isin(input_ids, slot_ids) & attention_mask.bool()
         is_slot[:, 0] = False  # a slot needs a predicting position before it
-        seg_embeddings, positions, kinds, pred_rej, masks = [], [], [], [], []
+        slot_hidden, positions, kinds, pred_rej = [], [], [], []
         for i in range(input_ids.shape[0]):
             pos = is_slot[i].nonzero().flatten()  # [n_i]
-            kind = [self._kind(int(t)) for t in input_ids[i, pos]]
+            kinds.append([self._kind(t) for t in input_ids[i, pos].tolist()])
             h = hidden[i, pos - 1]  # [n_i,H]: the position that predicts each slot token
             positions.append(pos)
-            kinds.append(kind)
+            slot_hidden.append(h)
             if self.rej_token_id is not None:
                 lg = logits[i, pos - 1] if logits_at is None else self.mllm.lm_logits(h)
                 pred_rej.append(lg[:, self.rej_token_id] > lg[:, self.seg_token_id])
             else:
                 pred_rej.append(torch.zeros(len(pos), dtype=torch.bool, device=input_ids.device))
-            if decode_masks and images is not None:
-                m = self.decode_masks(
-                    h, images.sam_embeddings[i : i + 1], images.resized_hw[i], images.original_hw[i], kind
-                )
-                masks.append(m)
-                seg_embeddings.append(m.embeddings)
-            else:
-                seg_embeddings.append(self.text_hidden_fcs(h))
+        masks = None
+        if decode_masks and images is not None:
+            masks = self.decode_masks_batch(slot_hidden, images, kinds)
+            seg_embeddings = [m.embeddings for m in masks]
+        else:
+            seg_embeddings = [self.text_hidden_fcs(h) for h in slot_hidden]
         return LisaOutput(
             logits=logits,
             hidden_states=hidden,
             seg_embeddings=seg_embeddings,
             slot_positions=positions,
-            masks=masks if decode_masks and images is not None else None,
+            masks=masks,
             kinds=kinds,
             predicted_rej=pred_rej,
             logits_at=logits_at,
@@ -752,16 +809,7 @@ class LisaModel(nn.Module):
         ]
         masks = None
         if decode_masks and images is not None:
-            masks = [
-                self.decode_masks(
-                    stacked[i],
-                    images.sam_embeddings[i : i + 1],
-                    images.resized_hw[i],
-                    images.original_hw[i],
-                    kinds[i],
-                )
-                for i in range(b)
-            ]
+            masks = self.decode_masks_batch(stacked, images, kinds)
             seg_embeddings = [m.embeddings for m in masks]
         else:
             seg_embeddings = [self.text_hidden_fcs(h) for h in stacked]
