@@ -461,6 +461,15 @@ class LisaModel(nn.Module):
             )
         return out
 
+    def _slot_outputs(
+        self, hidden: Sequence[torch.Tensor], images: ImageFeatures | None, kinds: Sequence[list[TargetKind]]
+    ) -> tuple[list[MaskPrediction] | None, list[torch.Tensor]]:
+        """Per sample: the slots' masks (None without ``images``) and their SAM prompts [n_i,256]."""
+        if images is None:
+            return None, [self.text_hidden_fcs(h) for h in hidden]
+        masks = self.decode_masks_batch(hidden, images, kinds)
+        return masks, [m.embeddings for m in masks]
+
     def _run_mask_decoder(
         self, hidden: torch.Tensor, sam_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -552,12 +561,7 @@ class LisaModel(nn.Module):
                 pred_rej.append(lg[:, self.rej_token_id] > lg[:, self.seg_token_id])
             else:
                 pred_rej.append(torch.zeros(len(pos), dtype=torch.bool, device=input_ids.device))
-        masks = None
-        if decode_masks and images is not None:
-            masks = self.decode_masks_batch(slot_hidden, images, kinds)
-            seg_embeddings = [m.embeddings for m in masks]
-        else:
-            seg_embeddings = [self.text_hidden_fcs(h) for h in slot_hidden]
+        masks, seg_embeddings = self._slot_outputs(slot_hidden, images if decode_masks else None, kinds)
         return LisaOutput(
             logits=logits,
             hidden_states=hidden,
@@ -808,12 +812,7 @@ class LisaModel(nn.Module):
             torch.stack(hs) if hs else torch.zeros(0, hid_dim, device=self.device, dtype=h_last.dtype)
             for hs in slot_hidden
         ]
-        masks = None
-        if decode_masks and images is not None:
-            masks = self.decode_masks_batch(stacked, images, kinds)
-            seg_embeddings = [m.embeddings for m in masks]
-        else:
-            seg_embeddings = [self.text_hidden_fcs(h) for h in stacked]
+        masks, seg_embeddings = self._slot_outputs(stacked, images if decode_masks else None, kinds)
         conversation = None
         if use_cache and b == 1:
             cache = decoder.to_dynamic() if static else cache
