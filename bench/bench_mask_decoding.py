@@ -1,12 +1,14 @@
 """A training step's mask decoding: one mask-decoder call for the whole micro-batch against one call per
-sample (the reference), on the tiny lisa-mobile, measured in the same run.
+sample (the reference), on lisa-mobile (tiny, or real sizes with random weights), measured in the same run.
 
-    .venv/bin/python bench/bench_mask_decoding.py [--batch-size 32] [--repeats 7] [--threads 2]
+    .venv/bin/python bench/bench_mask_decoding.py [--size tiny|real] [--batch-size 32] [--repeats 7]
+        [--threads 2]
 
 Printed per way: the operations a forward + backward launches (``aten::`` calls counted by the torch
 profiler) and the median wall time of a forward + backward. The tiny model's arithmetic is small, so
 its step time is mostly per-operation overhead, which is what bounds a GPU step (model card item 16:
-an H100 at about 11% utilisation with the real model at micro-batch 32).
+an H100 at about 11% utilisation with the real model at micro-batch 32). ``--size real`` checks that a
+CPU step at the real sizes, where arithmetic dominates, is not slower.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def _per_sample(model: LisaModel, hidden, images, kinds):  # type: ignore[no-unt
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=["tiny", "real"], default="tiny")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     recipe = recipe_from_dict(
         {
-            "model": {"preset": "lisa-mobile", "tiny": True},
+            "model": {"preset": "lisa-mobile", "tiny": args.size == "tiny", "load_base_weights": False},
             "freeze": {"train_projector": True},
             "train": {"output_dir": "unused", "micro_batch_size": args.batch_size},
         }
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table)
     if not args.no_append:
-        note = f"tiny lisa-mobile, micro-batch {args.batch_size}, forward + backward, {args.threads} threads"
+        note = f"{args.size} lisa-mobile, micro-batch {args.batch_size}, forward + backward, {args.threads} threads"
         print(f"appended to {append_benchmarks('Mask decoding in a training step', table, notes=[note])}")
     return 0
 
