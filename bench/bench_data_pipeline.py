@@ -32,20 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_benchmarks, format_table, machine_description
 from reasonseg.data.transforms import SamTransform
+from reasonseg.serving.cache import nbytes_of
 from reasonseg.training.recipe import load_recipe
 from reasonseg.training.trainer import SampleStream, _get_sample, _MicroBatches, build_collator, build_dataset
-
-
-def _nbytes(obj: object) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(o) for o in obj.values())
-    if hasattr(obj, "__dataclass_fields__"):
-        return sum(_nbytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             get_s += t1 - t0
             collate_s += time.perf_counter() - t1
             n += len(pairs)
-            size = _nbytes(batch)
+            size = nbytes_of(batch)
     finally:
         SamTransform.prepare = original  # type: ignore[method-assign]
     ms = 1000.0 / n

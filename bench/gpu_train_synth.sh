@@ -65,9 +65,7 @@ setup)
     mkdir -p runs
     [ -e runs/synth ] || ln -s $ST/synth runs/synth
     rm -rf $ST/synth $ST/synth.rc
-    setsid bash -c "RS() { $PY -c 'import sys; from reasonseg.cli import main; sys.exit(main())' \"\$@\"; }; \
-        RS synth --out $ST/synth --n 1000 --seed 0 --workers 14 >$ST/synth.log 2>&1; echo \$? >$ST/synth.rc" \
-        </dev/null >/dev/null 2>&1 &
+    setsid bash bench/gpu_train_synth.sh _synth </dev/null >/dev/null 2>&1 &
     echo "world: writing in the background ($ST/synth.log)"
     ;;
 start)
@@ -92,6 +90,10 @@ for name, f in (("mobile_sam", "mobile_sam.pt"), ("smollm2_135m_instruct_gguf", 
 EOF
     setsid bash bench/gpu_train_synth.sh _driver "$END" </dev/null >$ST/driver.log 2>&1 &
     echo "driver started; log $ST/driver.log"
+    ;;
+_synth)
+    RS synth --out $ST/synth --n 1000 --seed 0 --workers 14 >$ST/synth.log 2>&1
+    echo $? >$ST/synth.rc
     ;;
 _driver)
     END=$2

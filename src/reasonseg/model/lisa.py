@@ -424,16 +424,7 @@ class LisaModel(nn.Module):
         counts = [int(h.shape[0]) for h in hidden]
         owners = [i for i, c in enumerate(counts) if c]
         if len(owners) <= 1:  # one image at most: its embedding is shared by its prompts, as in inference
-            return [
-                self.decode_masks(
-                    hidden[i],
-                    images.sam_embeddings[i : i + 1],
-                    images.resized_hw[i],
-                    images.original_hw[i],
-                    kinds[i],
-                )
-                for i in range(len(hidden))
-            ]
+            return self._decode_masks_each(hidden, images, kinds)
         emb = images.sam_embeddings
         index = torch.repeat_interleave(
             torch.tensor(owners, device=emb.device),
@@ -469,6 +460,21 @@ class LisaModel(nn.Module):
             return None, [self.text_hidden_fcs(h) for h in hidden]
         masks = self.decode_masks_batch(hidden, images, kinds)
         return masks, [m.embeddings for m in masks]
+
+    def _decode_masks_each(
+        self, hidden: Sequence[torch.Tensor], images: ImageFeatures, kinds: Sequence[list[TargetKind]]
+    ) -> list[MaskPrediction]:
+        """:meth:`decode_masks_batch` as one :meth:`decode_masks` call per sample."""
+        return [
+            self.decode_masks(
+                hidden[i],
+                images.sam_embeddings[i : i + 1],
+                images.resized_hw[i],
+                images.original_hw[i],
+                kinds[i],
+            )
+            for i in range(len(hidden))
+        ]
 
     def _run_mask_decoder(
         self, hidden: torch.Tensor, sam_embedding: torch.Tensor

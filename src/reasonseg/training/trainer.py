@@ -606,8 +606,9 @@ class Trainer:
                 self.scheduler.step()
                 step += 1
                 now = time.perf_counter()
-                rate = global_batch * t.grad_accum / max(now - t_step, 1e-9)
-                wait_share = waited / max(now - t_step, 1e-9)
+                elapsed = max(now - t_step, 1e-9)
+                rate = global_batch * t.grad_accum / elapsed
+                wait_share = waited / elapsed
                 t_step, waited = now, 0.0
                 log = StepLog(
                     step,
