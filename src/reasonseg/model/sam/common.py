@@ -19,11 +19,14 @@ _MKLDNN_FUSION = (
     and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
+_MKLDNN_BF16 = _MKLDNN_FUSION and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+"""oneDNN's bf16 primitives need AVX-512 (or AVX-NE-CONVERT); on an AVX2-only CPU they fail to build."""
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether fused oneDNN CPU kernels may run on ``x`` with ``weight``: CPU, fp32 or bf16 (the same for
-    both; a mismatch falls back to the plain ops and their dtype error), no autograd (no backward).
+    both; a mismatch falls back to the plain ops and their dtype error; bf16 only where oneDNN runs
+    bf16 on this CPU), no autograd (no backward).
 
     These are the ``torch.ops.mkldnn`` pointwise-fusion ops that ``torch.compile`` emits on CPU; they
     fold a bias, an activation or a residual add into the matmul/convolution, saving whole passes over
@@ -32,7 +35,7 @@ def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         _MKLDNN_FUSION
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _MKLDNN_BF16))
         and weight.dtype == x.dtype
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()  # under torch.compile, inductor does its own fusion
@@ -65,10 +68,12 @@ def memoised(
     """``compute()``, kept on ``owner`` under ``slot`` for as long as ``source`` is the same, unchanged
     tensor and ``extra`` is equal; with autograd on it is always recomputed and never stored. "The
     same" is the same object, or a view of the same memory with the same dtype, shape and strides
-    (``feats[i : i + 1]`` taken anew for every query); "unchanged" is :func:`tensor_version`, which
-    views share with their base. The memo keeps its source alive, so its address cannot be reused by
-    other data meanwhile. It holds plain references, so the module stays picklable."""
-    key = (tensor_version(source), extra)
+    (``feats[i : i + 1]`` taken anew for every query) still at the address it had when memoised (a
+    parameter whose ``.data`` was replaced, as PEFT's safe merge does, is not the same); "unchanged"
+    is :func:`tensor_version`, which views share with their base. In-place writes through ``.data``
+    bump no version and are not seen. The memo keeps its source alive, so its address cannot be
+    reused by other data meanwhile. It holds plain references, so the module stays picklable."""
+    key = (tensor_version(source), source.data_ptr(), extra)
     memo = owner.__dict__.get(slot)
     grad = torch.is_grad_enabled()
     if memo is not None and not grad and _same_view(memo[0], source) and memo[1] == key:
