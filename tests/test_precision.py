@@ -151,8 +151,8 @@ def test_builtin_model_in_bf16_keeps_answers_and_masks() -> None:
 
 
 def test_cpu_linear_matches_f_linear_and_keeps_the_layer_intact() -> None:
-    """One bf16 row runs as torch.mv; several rows, float32 and autograd run F.linear; the class swap
-    changes neither the state dict nor deepcopy."""
+    """One bf16 row runs as torch.mv; several bf16 rows (without oneDNN bf16) and autograd run F.linear;
+    the class swap changes neither the state dict nor deepcopy."""
     import torch.nn.functional as F
     from torch import nn
 
@@ -217,6 +217,41 @@ def test_cpu_linear_prepacks_several_bf16_rows_bit_for_bit() -> None:
         mp.setattr(cpu_linear, "PACK_MAX_PARAMS", 100)
         cpu_linear.use_cpu_linears(big)
     assert not big.pack
+
+
+@pytest.mark.skipif(not cpu_linear._CAN_PACK_FP32, reason="no oneDNN in this torch build")
+def test_cpu_linear_prepacks_float32_rows_and_big_single_rows() -> None:
+    """Float32: several rows use the packed weight (within float32 rounding of F.linear); one row keeps
+    F.linear bit for bit unless the weight is big (an LM head); ``pack=False`` keeps F.linear."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32, bias=False))
+    cpu_linear.use_cpu_linears(net)
+    with torch.no_grad():
+        for shape in [(3, 64), (2, 5, 64), (112, 64)]:
+            x = torch.randn(shape)
+            got, want = net[0](x), F.linear(x, net[0].weight, net[0].bias)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert "_packed" in net[0].__dict__
+        net[0].weight.data = net[0].weight.data * 2  # as PEFT's safe merge does: a new address
+        torch.testing.assert_close(net[0](x), F.linear(x, net[0].weight, net[0].bias), rtol=1e-5, atol=1e-5)
+        net[1].__dict__.pop("_packed", None)
+        one = torch.randn(1, 96)
+        assert torch.equal(net[1](one), F.linear(one, net[1].weight))  # small weight, one row: F.linear
+        assert "_packed" not in net[1].__dict__
+        head = nn.Linear(64, cpu_linear.ONE_ROW_PACK_MIN // 64 + 1, bias=False)
+        cpu_linear.use_cpu_linears(head)
+        x = torch.randn(1, 1, 64)
+        torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+        assert "_packed" in head.__dict__  # a vocabulary-sized head: packed even for one row
+        cpu_linear.use_cpu_linears(net, pack=False)
+        net[0].__dict__.pop("_packed")
+        x = torch.randn(7, 64)
+        assert torch.equal(net[0](x), F.linear(x, net[0].weight, net[0].bias))
+        assert "_packed" not in net[0].__dict__
 
 
 def test_lm_linears_are_swapped_in_the_multimodal_lm() -> None:

@@ -1,24 +1,32 @@
-"""The LM's linear layers in bf16 on a CPU without autograd (``--dtype auto`` picks bf16 where the CPU
-has AMX or AVX-512 BF16; see :mod:`reasonseg.model.precision`).
+"""The LM's linear layers on a CPU without autograd: faster paths than ``F.linear`` for inference.
 
 ``F.linear`` in bf16 goes through oneDNN's general matrix product, which reorders the weight into its
-blocked layout on every call. Two cheaper paths, both without autograd:
+blocked layout on every call; in float32 it goes to MKL's ``sgemm``. Cheaper paths, all without
+autograd:
 
-* **one row** (a decoding step): ``torch.mv`` has a bf16 matrix-vector kernel that does not reorder.
-  On SmolLM2-135M's 210 products of one step (2 threads, interleaved A/B in one process) a step took
-  57.5 ms instead of 62.1 ms, and 77 instead of 86 ms in a second, more loaded run.
-* **several rows** (a prompt, a drafted answer): the weight is reordered once, kept beside the layer
-  while the weight is unchanged, and multiplied by oneDNN's ``_linear_pointwise``, as ``torch.compile``
-  does on a CPU. SmolLM2-135M's 210 products alone, 1 thread: 112 rows 128 -> 86 ms, 24 rows 77 ->
-  66 ms. In the built-in model (``bench/bench_commits.py``, interleaved, one slow phase of the machine)
-  ``predict`` went from 310.5 to 292.3 ms with 1 thread and from 212.3 to 185.2 ms with 2, the
-  follow-up from 233.8 to 220.8 and from 169.7 to 155.0 ms. It costs a second copy of the weights
-  (about 270 MB for SmolLM2-135M with its tied head), so it is on only for LMs of at most
-  :data:`PACK_MAX_PARAMS` linear weights (SmolLM2 sizes; not a 7B LM, whose copy would be 13 GB).
+* **bf16, one row** (a decoding step): ``torch.mv`` has a bf16 matrix-vector kernel that does not
+  reorder. On SmolLM2-135M's 210 products of one step (2 threads, interleaved A/B in one process) a
+  step took 57.5 ms instead of 62.1 ms, and 77 instead of 86 ms in a second, more loaded run.
+* **several rows** (a prompt, a drafted answer), bf16 where oneDNN multiplies bf16 (AMX or AVX-512),
+  and float32: the weight is reordered once, kept beside the layer while the weight is unchanged, and
+  multiplied by oneDNN's ``_linear_pointwise``, as ``torch.compile`` does on a CPU. bf16, SmolLM2-135M's
+  210 products alone, 1 thread on an Intel Xeon: 112 rows 128 -> 86 ms, 24 rows 77 -> 66 ms; in the
+  built-in model (``bench/bench_commits.py``) ``predict`` went from 212.3 to 185.2 ms with 2 threads.
+  Float32 on an AVX2-only AMD EPYC (2 threads): a [24,576]x[576,1536] product 0.99 -> 0.73 ms,
+  [88,576]x[576,1536] 3.00 -> 2.38 ms, and the 49,152-word head on 6 rows 41 -> 9.7 ms.
+* **float32, one row, a big weight** (at least :data:`ONE_ROW_PACK_MIN` values: the LM head): the
+  packed product as well (the head on one row: 11.6 -> 6.2 ms on that EPYC); smaller one-row products
+  keep ``F.linear``, as fast there as ``torch.mv`` and faster than the packed kernel (576x576: 44 against
+  87 us).
 
-Float32 (where the prepacked kernel is not faster and not bit-equal), a GPU, autograd and
-``torch.compile`` keep ``F.linear``. Results equal ``F.linear``'s: the prepacked product bit for bit (the
-same oneDNN kernel), ``torch.mv`` up to the rounding of the bf16 output (both accumulate in float32).
+The packed copy costs a second copy of the weights (about 270 MB in bf16 and 540 MB in float32 for
+SmolLM2-135M with its tied head), so it is on only for LMs of at most :data:`PACK_MAX_PARAMS` linear
+weights (SmolLM2 sizes; not a 7B LM, whose copy would be 13 GB or more).
+
+A GPU, autograd and ``torch.compile`` keep ``F.linear``. Results: bf16 products equal ``F.linear``'s
+bit for bit (the same oneDNN kernel), ``torch.mv`` up to the rounding of the bf16 output (both
+accumulate in float32); float32 packed products differ from MKL's only by the order of the float32
+sums (relative differences of about 1e-6).
 """
 
 from __future__ import annotations
@@ -31,18 +39,23 @@ from torch import nn
 
 from reasonseg.model.sam.common import memoised
 
-__all__ = ["PACK_MAX_PARAMS", "CpuLinear", "plain_linears", "use_cpu_linears"]
+__all__ = ["ONE_ROW_PACK_MIN", "PACK_MAX_PARAMS", "CpuLinear", "plain_linears", "use_cpu_linears"]
 
 PACK_MAX_PARAMS = 2_000_000_000
 """:func:`use_cpu_linears` prepacks several-row products only when the module's linear weights hold at
 most this many values (the packed copy holds as many again)."""
 
-_CAN_PACK = (
+ONE_ROW_PACK_MIN = 1 << 22
+"""A float32 product of one row uses the packed weight only when the weight holds at least this many
+values (an LM head over a vocabulary; not SmolLM2's 576x1536 layers, where ``F.linear`` is faster)."""
+
+_CAN_PACK_FP32 = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 )
+_CAN_PACK = _CAN_PACK_FP32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+"""Whether bf16 products can be packed (oneDNN multiplies bf16 on this CPU)."""
 
 
 class CpuLinear(nn.Linear):
@@ -58,23 +71,35 @@ class CpuLinear(nn.Linear):
         """[..., in_features] -> [..., out_features], as ``nn.Linear``."""
         w = self.weight
         if (
-            x.dtype == torch.bfloat16
-            and w.dtype == torch.bfloat16
+            x.dtype == w.dtype
             and x.device.type == "cpu"
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
         ):
-            if x.numel() == x.shape[-1] == w.shape[1]:  # one row
-                y = torch.mv(w, x.reshape(-1))
-                if self.bias is not None:
-                    y = y + self.bias
-                return y.reshape(*x.shape[:-1], w.shape[0])
-            if self.pack and _CAN_PACK:
-                packed = memoised(
-                    self, "_packed", w, lambda: torch.ops.mkldnn._reorder_linear_weight(w, None)
-                )
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+            one_row = x.numel() == x.shape[-1] == w.shape[1]
+            if x.dtype == torch.bfloat16:
+                if one_row:
+                    y = torch.mv(w, x.reshape(-1))
+                    if self.bias is not None:
+                        y = y + self.bias
+                    return y.reshape(*x.shape[:-1], w.shape[0])
+                if self.pack and _CAN_PACK:
+                    return self._packed_product(x)
+            elif (
+                x.dtype == torch.float32
+                and self.pack
+                and _CAN_PACK_FP32
+                and (not one_row or w.numel() >= ONE_ROW_PACK_MIN)
+            ):
+                return self._packed_product(x)
         return F.linear(x, w, self.bias)
+
+    def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T + bias`` with the weight reordered once into oneDNN's layout (kept beside the
+        layer while the weight is unchanged)."""
+        w = self.weight
+        packed = memoised(self, "_packed", w, lambda: torch.ops.mkldnn._reorder_linear_weight(w, None))
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def _apply(self, fn: Any, recurse: bool = True) -> CpuLinear:
         self.__dict__.pop("_packed", None)  # a cast or move: the packed copy would only hold memory
