@@ -98,8 +98,9 @@ class Attention(nn.Module):
         fold_k = torch.einsum("bnhd,hdc->bhnc", queries, self.k_proj.weight.view(h, d, c)).reshape(
             b, h * nq, c
         )
-        probs = torch.bmm(fold_k, k.transpose(1, 2)).softmax(-1, dtype=torch.float32).to(q.dtype)
-        mixed = torch.bmm(probs, v).view(b, h, nq, c)  # sum_j probs v[b, j], per head and query
+        # Scores as [B, keys, (h, n)]: the 4096-row product runs faster in this orientation.
+        probs = torch.bmm(k, fold_k.transpose(1, 2)).softmax(1, dtype=torch.float32).to(q.dtype)
+        mixed = torch.bmm(probs.transpose(1, 2), v).view(b, h, nq, c)  # sum_j probs v[b, j], per head, query
         out = torch.einsum("bhnc,hdc->bnhd", mixed, self.v_proj.weight.view(h, d, c)) + self.v_proj.bias.view(
             h, d
         )
