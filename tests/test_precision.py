@@ -9,6 +9,7 @@ example scene.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def test_auto_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     assert resolve_dtype("auto") == torch.float32
     assert resolve_dtype("auto", "meta") == torch.float32
+
+
+def test_bf16_on_a_cpu_without_bf16_hardware_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="AMX or AVX-512 BF16"):
+        assert resolve_dtype("bf16") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_dtype("bf16") == torch.bfloat16
+        assert resolve_dtype("bf16", "meta") == torch.bfloat16
 
 
 def test_explicit_names_and_errors() -> None:

@@ -19,6 +19,8 @@ from 21.65 / 25.37 to 21.56 / 25.24. ``--dtype fp32`` reproduces float32 results
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = ["DTYPE_NAMES", "cpu_has_fast_bf16", "dtype_name", "resolve_dtype"]
@@ -58,6 +60,12 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -
         return torch.bfloat16 if kind == "cpu" and cpu_has_fast_bf16() else torch.float32
     if dtype == torch.float16 and kind == "cpu":
         raise ValueError("dtype fp16 is not supported on a CPU (use bf16 or fp32)")
+    if dtype == torch.bfloat16 and kind == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn(
+            "dtype bf16 on a CPU without AMX or AVX-512 BF16: it runs, but several times slower than fp32 "
+            "(--dtype auto picks fp32 here)",
+            stacklevel=2,
+        )
     return dtype
 
 
