@@ -42,8 +42,9 @@ from reasonseg.model.sam.common import memoised
 __all__ = ["ONE_ROW_PACK_MIN", "PACK_MAX_PARAMS", "CpuLinear", "plain_linears", "use_cpu_linears"]
 
 PACK_MAX_PARAMS = 2_000_000_000
-""":func:`use_cpu_linears` prepacks several-row products only when the module's linear weights hold at
-most this many values (the packed copy holds as many again)."""
+""":func:`use_cpu_linears` turns packing on (several-row products, and float32 single rows of a big
+weight) only when the module's linear weights hold at most this many values (the packed copy holds as
+many again)."""
 
 ONE_ROW_PACK_MIN = 1 << 22
 """A float32 product of one row uses the packed weight only when the weight holds at least this many
@@ -59,9 +60,9 @@ _CAN_PACK = _CAN_PACK_FP32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class CpuLinear(nn.Linear):
-    """``nn.Linear`` with the bf16 CPU inference paths above. Same parameters and state-dict names;
+    """``nn.Linear`` with the CPU inference paths above. Same parameters and state-dict names;
     swapped in by class (:func:`use_cpu_linears`), so PEFT and ``isinstance`` checks still see an
-    ``nn.Linear``. ``pack`` says whether several rows use a prepacked weight (set by
+    ``nn.Linear``. ``pack`` says whether the packed paths are on (set by
     :func:`use_cpu_linears`); the packed copy is dropped by a cast or a move, and never pickled or
     deep-copied."""
 
@@ -113,8 +114,8 @@ class CpuLinear(nn.Linear):
 
 def use_cpu_linears(module: nn.Module, *, pack: bool | None = None) -> int:
     """Turn every plain ``nn.Linear`` inside ``module`` into a :class:`CpuLinear` in place (subclasses,
-    e.g. quantised layers, are left alone). ``pack``: prepack several-row products; by default when
-    the module's linear weights hold at most :data:`PACK_MAX_PARAMS` values. Returns how many layers
+    e.g. quantised layers, are left alone). ``pack``: use prepacked weights (several-row products, a
+    big float32 weight's single rows); by default when the module's linear weights hold at most :data:`PACK_MAX_PARAMS` values. Returns how many layers
     were changed."""
     linears = [sub for sub in module.modules() if type(sub) in (nn.Linear, CpuLinear)]
     if pack is None:

@@ -48,7 +48,7 @@ class MultimodalLM(nn.Module):
         self.vision_tower = vision_tower
         self.projector = projector
         self.lm = lm
-        use_cpu_linears(lm)  # one-row bf16 steps on a CPU run as torch.mv (reasonseg.model.cpu_linear)
+        use_cpu_linears(lm)  # faster CPU inference products (reasonseg.model.cpu_linear)
         self.image_token_id = int(image_token_id)
         self.num_image_tokens = int(num_image_tokens)
 

@@ -61,7 +61,7 @@ class Attention(nn.Module):
     # tokens (4096). Per head the scores and the output are bilinear in the image tokens, so the two
     # projections on the image side can be folded into the T tokens' side: products of width
     # heads * T (48) instead of the inner width (128) on the 4096 rows. Equal in exact arithmetic; in
-    # float32 within rounding (tests/test_sam_parts.py). CPU inference only (``fusable``), where the
+    # float32 within rounding (tests/test_sam_model.py). CPU inference only (``fusable``), where the
     # 4096-row products are most of a follow-up query's mask decoding.
 
     def _few_keys(
