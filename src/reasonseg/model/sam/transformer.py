@@ -43,7 +43,8 @@ class Attention(nn.Module):
         """Attention output (+ ``residual``, [B, Nq, C], added inside the output projection)."""
         few = self.num_heads * min(q.shape[1], k.shape[1])
         if (
-            fusable(q, self.q_proj.weight)
+            q.dtype == torch.float32
+            and fusable(q, self.q_proj.weight)
             and 2 * few <= self.internal_dim
             and max(q.shape[1], k.shape[1]) >= 256
         ):
@@ -61,8 +62,10 @@ class Attention(nn.Module):
     # tokens (4096). Per head the scores and the output are bilinear in the image tokens, so the two
     # projections on the image side can be folded into the T tokens' side: products of width
     # heads * T (48) instead of the inner width (128) on the 4096 rows. Equal in exact arithmetic; in
-    # float32 within rounding (tests/test_sam_model.py). CPU inference only (``fusable``), where the
-    # 4096-row products are most of a follow-up query's mask decoding.
+    # float32 within rounding (tests/test_sam_model.py). CPU inference in float32 only (``fusable``),
+    # where the 4096-row products are most of a follow-up query's mask decoding; bf16 keeps the plain
+    # form, whose accuracy the bf16 tests measured (the folded form was timed and checked on an
+    # AVX2-only CPU, which has no fast bf16).
 
     def _few_keys(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None
