@@ -398,8 +398,6 @@ class LisaModel(nn.Module):
         kinds: list[TargetKind],
     ) -> MaskPrediction:
         """LM hidden states of n slots [n,H] + one image's SAM embedding [1,256,h,w] -> masks [n,H0,W0]."""
-        from reasonseg.data.transforms import postprocess_masks
-
         oh, ow = original_hw
         h, w = sam_embedding.shape[-2:]
         if hidden.shape[0] == 0:
@@ -407,8 +405,7 @@ class LisaModel(nn.Module):
             empty = prompt.new_zeros(0, oh, ow)
             return MaskPrediction(empty, prompt.new_zeros(0, 4 * h, 4 * w), prompt.new_zeros(0), [], prompt)
         prompt, low_res, iou = self._run_mask_decoder(hidden, sam_embedding)
-        full = postprocess_masks(low_res, resized_hw, original_hw, target_length=self.sam.image_size)
-        return MaskPrediction(full[:, 0], low_res[:, 0], iou[:, 0], list(kinds), prompt)
+        return self._mask_prediction(prompt, low_res, iou, resized_hw, original_hw, kinds)
 
     def decode_masks_batch(
         self, hidden: Sequence[torch.Tensor], images: ImageFeatures, kinds: Sequence[list[TargetKind]]
@@ -419,8 +416,6 @@ class LisaModel(nn.Module):
         (``bench/bench_mask_decoding.py``: 7.4x fewer operations at micro-batch 32). Only the resize to
         each image's own size stays per sample. With slots on one image at most, this is
         :meth:`decode_masks` itself, which shares that image's embedding among its prompts."""
-        from reasonseg.data.transforms import postprocess_masks
-
         counts = [int(h.shape[0]) for h in hidden]
         owners = [i for i, c in enumerate(counts) if c]
         if len(owners) <= 1:  # one image at most: its embedding is shared by its prompts, as in inference
@@ -444,13 +439,33 @@ class LisaModel(nn.Module):
                 continue
             rows = slice(start, start + n)
             start += n
-            full = postprocess_masks(
-                low_res[rows], images.resized_hw[i], images.original_hw[i], target_length=self.sam.image_size
-            )
             out.append(
-                MaskPrediction(full[:, 0], low_res[rows, 0], iou[rows, 0], list(kinds[i]), prompt[rows])
+                self._mask_prediction(
+                    prompt[rows],
+                    low_res[rows],
+                    iou[rows],
+                    images.resized_hw[i],
+                    images.original_hw[i],
+                    kinds[i],
+                )
             )
         return out
+
+    def _mask_prediction(
+        self,
+        prompt: torch.Tensor,
+        low_res: torch.Tensor,
+        iou: torch.Tensor,
+        resized_hw: tuple[int, int],
+        original_hw: tuple[int, int],
+        kinds: Sequence[TargetKind],
+    ) -> MaskPrediction:
+        """One image's n slots from the mask decoder (prompts [n,256], low-res logits [n,1,4h,4w], IoU
+        [n,1]) -> their :class:`MaskPrediction`, the logits resized to the original image [n,H0,W0]."""
+        from reasonseg.data.transforms import postprocess_masks
+
+        full = postprocess_masks(low_res, resized_hw, original_hw, target_length=self.sam.image_size)
+        return MaskPrediction(full[:, 0], low_res[:, 0], iou[:, 0], list(kinds), prompt)
 
     def _slot_outputs(
         self, hidden: Sequence[torch.Tensor], images: ImageFeatures | None, kinds: Sequence[list[TargetKind]]
