@@ -14,6 +14,7 @@ from torch import nn
 
 from lisa_tiny_helpers import prompt_ids, random_pixels, single_thread
 from reasonseg.model import LisaModel
+from reasonseg.model.cpu_linear import CpuLinear
 from reasonseg.model.lm import quantize_lm
 
 
@@ -90,7 +91,9 @@ def test_quantization_replaces_the_lm_linears_but_not_the_head(
     kinds = {type(m).__name__ for m in model.mllm.lm.model.modules() if isinstance(m, nn.Linear)}
     assert kinds == {expected_cls}
     assert replaced == n_linear - 1  # every Linear of the decoder, not lm_head
-    assert type(model.mllm.lm.get_output_embeddings()) is nn.Linear
+    head = model.mllm.lm.get_output_embeddings()
+    # The head stays float32 and keeps the faster CPU products (packed several-row products).
+    assert type(head) is CpuLinear and head.pack and head.weight.dtype == torch.float32
     assert model.mllm.lm.get_output_embeddings().weight.dtype == torch.bfloat16
     layer = next(m for m in model.mllm.lm.model.modules() if type(m).__name__ == expected_cls)
     if kind == "4bit":
@@ -126,7 +129,9 @@ def test_cpu_int8_quantises_the_decoder_linears_and_keeps_the_head() -> None:
     model = LisaModel.from_preset("lisa-mobile", tiny=True, quantization="cpu-int8")
     quantised = [m for m in model.mllm.lm.model.modules() if "quantized" in type(m).__module__]
     assert quantised and not any(type(m) is nn.Linear for m in model.mllm.lm.model.modules())
-    assert type(model.mllm.lm.get_output_embeddings()) is nn.Linear
+    head = model.mllm.lm.get_output_embeddings()
+    # The head stays float32 and keeps the faster CPU products (packed several-row products).
+    assert type(head) is CpuLinear and head.pack and head.weight.dtype == torch.float32
     feats = model.encode_images(random_pixels(model))
     ids = prompt_ids(model, "Segment the cat.")
     out = model.generate([ids], feats, max_new_tokens=4, decode_masks=False)
