@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reasonseg.inference.outputs import SegmentResult, decode_rle, encode_rle, write_result
+from reasonseg.inference.outputs import SegmentResult, TargetResult, decode_rle, encode_rle, write_result
 from reasonseg.inference.predictor import Prediction, Target
 
 
@@ -79,3 +79,44 @@ def test_write_result_files(tmp_path: Path) -> None:
     assert record["files"]["masks"] == ["turn01_mask_0.png", "turn01_mask_2.png"]
     with pytest.raises(ValueError, match="image is"):
         write_result(tmp_path, image[:10], result)
+
+
+def test_write_result_replaces_an_earlier_result_as_a_whole(tmp_path: Path) -> None:
+    image = np.full((20, 30, 3), 128, np.uint8)
+    two = SegmentResult.from_prediction(_prediction(), "find the tableware", (20, 30))
+    write_result(tmp_path, image, two)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mask_7.png").write_bytes(b"a file of the user's, not listed by result.json")
+    none = SegmentResult("nothing", "It is [REJ].", (20, 30), [TargetResult(0, None, True, None, None)])
+    files = write_result(tmp_path, image, none)
+    assert files.masks == []
+    # The earlier result's masks are gone, so the folder holds one consistent result; other files stay.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mask_7.png",
+        "notes.txt",
+        "overlay.png",
+        "result.json",
+    ]
+    assert json.loads(files.json.read_text())["answer"] == "It is [REJ]."
+
+
+def test_a_failed_write_leaves_the_earlier_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = np.full((20, 30, 3), 128, np.uint8)
+    first = SegmentResult.from_prediction(_prediction(), "find the tableware", (20, 30))
+    write_result(tmp_path, image, first)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = Path.write_bytes
+    calls = []
+
+    def disk_full(self: Path, data: bytes) -> int:
+        calls.append(self.name)
+        if len(calls) == 3:  # the third file of the new result
+            raise OSError(28, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    other = SegmentResult.from_prediction(_prediction(), "something else", (20, 30))
+    with pytest.raises(OSError, match="No space left"):
+        write_result(tmp_path, image, other)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary files either

@@ -193,29 +193,74 @@ def write_result(
 ) -> WrittenFiles:
     """Write the overlay PNG, one PNG per non-rejected mask and the JSON into ``out_dir`` (created).
 
+    A result written before under the same ``stem`` is replaced as a whole: every file is first written
+    under a temporary name and renamed only once all of them are complete, so a failure (a full disk,
+    a read-only folder) leaves the earlier result as it was; afterwards the earlier result's mask PNGs
+    that the new one does not have are removed (only files its ``result.json`` lists), so the folder
+    never mixes two results.
+
     Args:
         out_dir: output directory.
         image: the image the masks belong to, HxWx3 uint8 RGB.
         result: what to write.
         stem: file name prefix, e.g. ``"turn01_"`` for the turns of a chat.
+
+    Raises:
+        ValueError: the image does not match the result.
+        OSError: the directory or a file could not be written (nothing of the new result is left).
     """
+    import io
+    import os
+
     from PIL import Image
 
     if image.shape[:2] != result.image_hw:
         raise ValueError(f"image is {image.shape[:2]} but the result is for {result.image_hw}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    def png(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
     overlay_path = out / f"{stem}overlay.png"
-    Image.fromarray(result.overlay(image)).save(overlay_path)
+    payloads = {overlay_path: png(result.overlay(image))}
     mask_paths: list[Path] = []
     for t in result.targets:
-        if t.mask is None:
-            continue
-        path = out / f"{stem}mask_{t.index}.png"
-        Image.fromarray(t.mask.astype(np.uint8) * 255).save(path)
-        mask_paths.append(path)
+        if t.mask is not None:
+            path = out / f"{stem}mask_{t.index}.png"
+            payloads[path] = png(t.mask.astype(np.uint8) * 255)
+            mask_paths.append(path)
     record = result.to_json(include_masks=True)
     record["files"] = {"overlay": overlay_path.name, "masks": [p.name for p in mask_paths]}
     json_path = out / f"{stem}result.json"
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    payloads[json_path] = (json.dumps(record, indent=2) + "\n").encode()
+    stale = [out / name for name in _listed_masks(json_path) if out / name not in payloads]
+
+    temps: list[Path] = []
+    try:
+        for path, data in payloads.items():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temps.append(tmp)
+            tmp.write_bytes(data)
+        for tmp, path in zip(temps, payloads, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    for path in stale:
+        path.unlink(missing_ok=True)
     return WrittenFiles(overlay_path, mask_paths, json_path)
+
+
+def _listed_masks(json_path: Path) -> list[str]:
+    """The mask file names an earlier ``result.json`` lists (none when it is absent or unreadable)."""
+    try:
+        masks = json.loads(json_path.read_text())["files"]["masks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    # Plain names of this writer's own pattern only: never a path, never another file.
+    return [
+        m for m in masks if isinstance(m, str) and Path(m).name == m and "mask_" in m and m.endswith(".png")
+    ]
