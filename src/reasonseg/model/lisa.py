@@ -20,11 +20,12 @@ greedy or sampling; the mask embeddings are captured while decoding).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1015,16 +1016,26 @@ class LisaModel(nn.Module):
         cfg_path = root / CONFIG_NAME
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: no config.json (not a reasonseg model directory)")
-        data = json.loads(cfg_path.read_text())
+        try:
+            data = json.loads(cfg_path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object, found {type(data).__name__}")
         fmt = data.pop("format", "full")
         data.pop("format_version", None)
         config = LisaConfig.from_dict(data)
+        if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(
+                f"{root}: no tokenizer.json (save_pretrained writes the tokenizer beside the weights)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(root))
         say(f"building {config.name} ({fmt} checkpoint)")
         if fmt == "full":
             model = cls.from_config(config, load_base=False, tokenizer=tokenizer)
             say(f"loading {WEIGHTS_NAME}")
-            missing, unexpected = load_model(model, str(root / WEIGHTS_NAME), strict=False)
+            with _readable_weights(root / WEIGHTS_NAME):
+                missing, unexpected = load_model(model, str(root / WEIGHTS_NAME), strict=False)
             if missing or unexpected:
                 raise RuntimeError(
                     f"{root / WEIGHTS_NAME}: strict load failed; missing {sorted(missing)[:8]} "
@@ -1033,10 +1044,25 @@ class LisaModel(nn.Module):
         elif fmt == "delta":
             model = cls.from_config(config, load_base=True, tokenizer=tokenizer)
             say(f"applying {DELTA_NAME} to the base weights")
-            apply_delta(model, load_delta(root / DELTA_NAME))
+            with _readable_weights(root / DELTA_NAME):
+                delta = load_delta(root / DELTA_NAME)
+            apply_delta(model, delta)
         else:
             raise ValueError(f"{cfg_path}: unknown format {fmt!r} (expected 'full' or 'delta')")
         return model.apply_memory_options(dtype=dtype, quantization=quantization, device=device).eval()
+
+
+@contextlib.contextmanager
+def _readable_weights(path: Path) -> Iterator[None]:
+    """Turn safetensors' errors on a missing, truncated or corrupt weights file into one that names it."""
+    from safetensors import SafetensorError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (the model directory is incomplete)")
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def _check_memory_options(quantization: str | None, device: torch.device | str | None) -> None:
