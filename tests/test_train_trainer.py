@@ -106,6 +106,9 @@ def test_head_input_standardisation_rewrites_the_first_layer_exactly(tmp_path: P
     trainer.standardise_head_input = lambda n: calls.append(n)  # type: ignore[method-assign]
     trainer.fit()
     assert calls == [4]
+    # The run now holds a checkpoint: a fresh start there would overwrite it, so only resume may use it.
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(newest step-00000001\); resume"):
+        trainer.fit()
     with pytest.raises(ValueError, match="head_init_samples"):
         recipe_from_dict({"train": {"head_init_samples": -1}})
 

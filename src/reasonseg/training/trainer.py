@@ -33,6 +33,7 @@ from torch import nn
 
 from reasonseg.training.checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -537,11 +538,18 @@ class Trainer:
         """Train to ``optim.total_steps`` (or stop after ``max_steps`` optimiser steps in this call).
 
         ``resume``: continue from the newest complete checkpoint in ``<output_dir>/checkpoints`` (a fresh
-        start when there is none).
+        start when there is none). Without it, an ``output_dir`` that already holds checkpoints is
+        refused: a fresh start there would overwrite them (and rotate the old run's away).
         """
         acc = self.accelerator
         r, t = self.recipe, self.recipe.train
         total = r.optim.total_steps
+        existing = list_checkpoints(self.output_dir / "checkpoints")
+        if existing and not resume:
+            raise ValueError(
+                f"{self.output_dir} already holds checkpoints (newest {existing[-1].name}); resume that run "
+                "(--resume) or choose another train.output_dir"
+            )
         step, position, history, resumed = self._resume() if resume else (0, 0, [], None)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
