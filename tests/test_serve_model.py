@@ -155,6 +155,68 @@ def test_segment_command_errors_are_one_line(tmp_path: Path, capsys: pytest.Capt
     assert "lisa-mobile" in capsys.readouterr().err  # the error lists the presets
 
 
+def test_bad_arguments_fail_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import reasonseg.serving.loading as loading
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["segment", str(EXAMPLE), "  "], "the instruction is empty"),
+        (["segment", str(EXAMPLE), "x", "--out", str(afile)], "exists and is not a directory"),
+        (["segment", str(EXAMPLE), "x", "--out", str(afile / "sub")], "cannot create the directory (Not a"),
+        (["chat", str(EXAMPLE), "--out", str(afile)], "exists and is not a directory"),
+        (["demo", "--out", str(afile)], "exists and is not a directory"),
+        (["demo", "--box", "100", "100", "10", "10"], "needs X1 > X0 and Y1 > Y0"),
+        (
+            ["train", "recipes/lisa-mobile.yaml", "--shard", "0/2"],
+            "--shard applies only with --prefill-cache",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(
+                loading,
+                "load_model",
+                lambda *a, _argv=argv, **k: pytest.fail(f"{_argv}: the model was loaded"),
+            )
+            assert main([*argv, "--quiet"] if argv[0] in ("segment", "chat") else argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    for argv in (
+        ["segment", str(EXAMPLE), "x", "--max-new-tokens", "0"],
+        ["chat", str(EXAMPLE), "--max-turns", "-1"],
+        ["chat", str(EXAMPLE), "--max-history", "-2"],
+        ["serve", "--max-new-tokens", "-3"],
+        ["train", "recipes/lisa-mobile.yaml", "--max-steps", "0"],
+        ["synth", "--out", str(tmp_path / "w"), "--n", "3", "--workers", "-1"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        assert "expected an integer >=" in capsys.readouterr().err, argv
+
+
+def test_a_corrupt_model_directory_is_named(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from reasonseg.model import LisaModel
+
+    d = tmp_path / "m"
+    tiny_model.save_pretrained(d)
+    weights = next(p for p in d.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights.name}: not a readable safetensors file"):
+        LisaModel.from_pretrained(d)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{weights.name}: missing"):
+        LisaModel.from_pretrained(d)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, found list"):
+        LisaModel.from_pretrained(d)
+    (d / "config.json").write_text("{nope")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        LisaModel.from_pretrained(d)
+
+
 def test_chat_keeps_history_and_saves_each_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
@@ -178,6 +240,14 @@ def test_chat_keeps_history_and_saves_each_turn(tmp_path: Path, monkeypatch: pyt
         assert (tmp_path / f"turn{turn:02d}_result.json").is_file()
         assert (tmp_path / f"turn{turn:02d}_overlay.png").is_file()
     assert out.getvalue().count("model>") == 3 and "(history cleared)" in out.getvalue()
+    # A second session into the same folder keeps the first one's turns and numbers its own after them;
+    # an unknown slash command is refused, not sent to the model.
+    first = (tmp_path / "turn01_result.json").read_bytes()
+    out = io.StringIO()
+    assert run_chat(args, stdin=io.StringIO("/bogus\nfourth\n"), stdout=out) == 0
+    assert "(unknown command /bogus" in out.getvalue() and out.getvalue().count("model>") == 1
+    assert (tmp_path / "turn01_result.json").read_bytes() == first
+    assert (tmp_path / "turn04_result.json").is_file() and not (tmp_path / "turn05_result.json").exists()
 
 
 def test_default_model_falls_back_to_untrained_preset_with_a_warning() -> None:

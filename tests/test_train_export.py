@@ -38,6 +38,11 @@ def test_export_merges_lora_and_loads_standalone(tmp_path: Path) -> None:
 
     out = tmp_path / "exported"
     assert main(["export", str(run), "--out", str(out)]) == 0
+    # A second export into the now non-empty folder is refused unless forced; other files stay.
+    (out / "README.md").write_text("model card")
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    assert main(["export", str(run), "--out", str(out), "--force"]) == 0
+    assert (out / "README.md").read_text() == "model card"
     loaded = LisaModel.from_pretrained(out)
     assert not any(isinstance(m, LoraLayer) for m in loaded.modules())
     with torch.no_grad():

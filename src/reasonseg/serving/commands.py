@@ -36,10 +36,14 @@ def _read_image(path: str) -> np.ndarray:
 
 def run_segment(args: argparse.Namespace) -> int:
     """One image, one instruction: print the answer, write overlay, masks and JSON to ``--out``."""
+    from reasonseg.cli import prepare_output_dir
     from reasonseg.inference.outputs import SegmentResult, write_result
     from reasonseg.inference.predictor import ReasonSegPredictor
 
+    if not args.instruction.strip():
+        raise ValueError("the instruction is empty")
     image = _read_image(args.image)
+    prepare_output_dir(args.out)
     loaded = _load(args)
     predictor = ReasonSegPredictor(loaded.model, max_new_tokens=args.max_new_tokens)
     t0 = time.perf_counter()
@@ -61,13 +65,17 @@ def run_segment(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """A multi-turn terminal session on one image; every turn's masks are saved as ``turnNN_*``.
 
-    Commands: ``/reset`` forgets the history, ``/quit`` (or end of input) leaves.
+    Commands: ``/reset`` forgets the history, ``/quit`` (or end of input) leaves; any other line that
+    starts with ``/`` is refused as an unknown command. Turns already saved in ``--out`` by an earlier
+    session are kept: this one numbers its turns after them.
     """
+    from reasonseg.cli import prepare_output_dir
     from reasonseg.inference.outputs import SegmentResult, write_result
     from reasonseg.inference.predictor import ReasonSegPredictor
 
     fin, fout = stdin or sys.stdin, stdout or sys.stdout
     image = _read_image(args.image)
+    out = prepare_output_dir(args.out)
     loaded = _load(args)
     predictor = ReasonSegPredictor(loaded.model, max_new_tokens=args.max_new_tokens)
     t0 = time.perf_counter()
@@ -76,7 +84,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     say(f"image {args.image} ({image.shape[1]}x{image.shape[0]}) encoded in {time.perf_counter() - t0:.1f} s; "
         "type an instruction, /reset to start over, /quit to leave")  # fmt: skip
     history = None
-    turn = 0
+    turn = _last_turn(out)
     for _ in range(args.max_turns):
         print("you> ", end="", file=fout, flush=True)
         line = fin.readline()
@@ -92,6 +100,9 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             history = None
             say("(history cleared)")
             continue
+        if text.startswith("/"):
+            say(f"(unknown command {text.split()[0]}: /reset clears the history, /quit leaves)")
+            continue
         turn += 1
         t1 = time.perf_counter()
         prediction = predictor.predict(text, history=history)
@@ -106,6 +117,12 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     else:
         say(f"(stopping after {args.max_turns} turns)")
     return 0
+
+
+def _last_turn(out: Path) -> int:
+    """The highest turn number NN of the ``turnNN_result.json`` files in ``out`` (0 when none)."""
+    numbers = [int(p.name[4:-12]) for p in out.glob("turn*_result.json") if p.name[4:-12].isdigit()]
+    return max(numbers, default=0)
 
 
 def run_serve(args: argparse.Namespace) -> int:
