@@ -19,6 +19,7 @@ from reasonseg.convert.lisa import (
     import_gsva_checkpoint,
     import_lisa_checkpoint,
     merge_lora,
+    read_state_dict,
 )
 from reasonseg.model import LisaConfig, LisaModel, add_lisa_tokens, load_tokenizer
 
@@ -213,3 +214,13 @@ def test_tokenizer_tokens_without_embedding_rows_are_refused() -> None:
     sd["lm_head.weight"] = sd["lm_head.weight"][:seg]
     with pytest.raises(CheckpointImportError, match="seg token id"):
         import_lisa_checkpoint(sd, cfg, tokenizer=tok, clip_state_dict=clip.state_dict())
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for name in ("photo.jpg", "model.safetensors", "weights.bin"):
+        path = tmp_path / name
+        path.write_bytes(b"\xff\xd8 not a checkpoint")
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + ": not a"):
+            read_state_dict(path)
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(read_state_dict(tmp_path / "ok.pt")["w"], torch.ones(2))

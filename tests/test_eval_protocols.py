@@ -158,6 +158,8 @@ def test_data_spec_parsing() -> None:
         DataSpec.parse("refcocog:/x:bogus:val")
     with pytest.raises(ValueError, match="unknown dataset"):
         DataSpec.parse("coco:/x:val")
+    with pytest.raises(ValueError, match=r"unknown dataset 'bogus' \(known: reasonseg"):
+        DataSpec.parse("bogus:foo")  # named even when the rest of the spec is malformed too
     with pytest.raises(ValueError, match="expected"):
         DataSpec.parse("reasonseg")
 

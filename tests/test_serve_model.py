@@ -261,11 +261,25 @@ def test_default_model_falls_back_to_untrained_preset_with_a_warning() -> None:
 
 
 def test_model_directory_is_accepted(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from transformers.utils import logging as hf_logging
+
+    from reasonseg.model import LisaModel
     from reasonseg.serving.loading import load_model
 
     tiny_model.save_pretrained(tmp_path / "m")
-    loaded = load_model(str(tmp_path / "m"), progress=False)
+    bars: list[bool] = []
+    real = LisaModel.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, *a, **k):  # type: ignore[no-untyped-def]
+        bars.append(hf_logging.is_progress_bar_enabled())
+        return real(cls, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LisaModel, "from_pretrained", classmethod(spy))
+        loaded = load_model(str(tmp_path / "m"), progress=False)
     assert loaded.name == "m" and not loaded.untrained and loaded.source == str(tmp_path / "m")
+    # --quiet: transformers' own loading bars are off while loading, and back on afterwards.
+    assert bars == [False] and hf_logging.is_progress_bar_enabled()
 
 
 @pytest.mark.slow

@@ -44,6 +44,8 @@ def test_errors_name_the_file_and_field(tmp_path: Path) -> None:
     bad.write_text("data: {datasets: [{kind: callable}]}\n")
     with pytest.raises(RecipeError, match=r"data\.datasets\[0\]: kind 'callable' needs target"):
         load_recipe(bad)
+    with pytest.raises(ValueError, match="is a directory, not a recipe file"):
+        load_recipe(tmp_path)
 
 
 def test_overrides_and_round_trip(tmp_path: Path) -> None:

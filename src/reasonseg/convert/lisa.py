@@ -114,9 +114,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: checkpoint not found")
     if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except SafetensorError as err:
+            raise ValueError(f"{p}: not a readable safetensors file ({err})") from None
+    import zipfile
+
+    if not zipfile.is_zipfile(p):  # torch.save's format since torch 1.6 (what mmap loading needs)
+        raise ValueError(f"{p}: not a checkpoint (neither a .safetensors file nor a torch.save zip archive)")
     obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]

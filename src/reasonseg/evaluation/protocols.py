@@ -108,6 +108,10 @@ class DataSpec:
                 f"data spec {spec!r}: expected DATASET:PATH:SPLIT, e.g. reasonseg:/data/ReasonSeg:val"
             )
         dataset = dataset.lower()
+        if dataset not in DATASETS:
+            raise ValueError(
+                f"data spec {spec!r}: unknown dataset {dataset!r} (known: {', '.join(DATASETS)})"
+            )
         if dataset in REFER_DATASETS:
             parts = rest.rsplit(":", 2)
             if len(parts) != 3:

@@ -101,11 +101,25 @@ def load_model(
             preset name (``reasonseg.model.config.PRESETS``: base weights real, new parts random), or a
             directory written by ``LisaModel.save_pretrained``.
         tiny: build the preset at tiny random sizes (tests and load tests of the serving machinery only).
-        progress: show progress bars on stderr.
+        progress: show progress bars on stderr (False also hides the bars of transformers itself).
 
     Raises:
         KeyError: ``spec`` is neither a directory nor a known preset (the message lists the presets).
     """
+    from transformers.utils import logging as hf_logging
+
+    hide = not progress and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        return _load_model(spec, tiny=tiny, progress=progress, dtype=dtype)
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(spec: str | None, *, tiny: bool, progress: bool, dtype: str | torch.dtype) -> LoadedModel:
+    """:func:`load_model` with transformers' progress bars already set as asked."""
     from reasonseg.model.config import PRESETS
     from reasonseg.model.lisa import LisaModel
     from reasonseg.model.precision import dtype_name, resolve_dtype
@@ -123,7 +137,7 @@ def load_model(
                 f"the built-in trained model is not available ({BUILTIN_MODEL_DIR} has no config.json); "
                 f"falling back to the UNTRAINED '{FALLBACK_PRESET}' preset with real base weights "
                 "(MobileSAM + SmolLM2-135M-Instruct): its answers and masks are not meaningful",
-                stacklevel=2,
+                stacklevel=3,  # the caller of load_model
             )
             print(f"warning: using the untrained '{FALLBACK_PRESET}' preset (no trained built-in model yet)",
                   file=sys.stderr)  # fmt: skip

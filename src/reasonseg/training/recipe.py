@@ -351,6 +351,8 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> TrainRe
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRecipe:
     """Read a YAML recipe; ``overrides`` are ``section.field=value`` strings (value parsed as YAML)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a recipe file (see recipes/*.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: recipe file not found")
     try:
