@@ -173,6 +173,10 @@ def test_bad_arguments_fail_before_the_model_loads(
             ["train", "recipes/lisa-mobile.yaml", "--shard", "0/2"],
             "--shard applies only with --prefill-cache",
         ),
+        (
+            ["serve", "--max-upload-mb", "0"],
+            "--max-upload-mb 0.0: must be positive",
+        ),  # the flag, not the field
     ]
     for argv, message in cases:
         with pytest.MonkeyPatch.context() as mp:
@@ -181,7 +185,7 @@ def test_bad_arguments_fail_before_the_model_loads(
                 "load_model",
                 lambda *a, _argv=argv, **k: pytest.fail(f"{_argv}: the model was loaded"),
             )
-            assert main([*argv, "--quiet"] if argv[0] in ("segment", "chat") else argv) == 2, argv
+            assert main([*argv, "--quiet"] if argv[0] in ("segment", "chat", "serve") else argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     for argv in (
         ["segment", str(EXAMPLE), "x", "--max-new-tokens", "0"],

@@ -166,6 +166,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="only these object kinds (names from reasonseg.data.synth.knowledge; default: all 293); "
         "no-target queries then name kinds, categories and properties of this set",
     )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def run(args: argparse.Namespace) -> int:
         import time
@@ -216,6 +217,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=_count(1), default=64, help="answer length limit (tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -419,6 +421,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt in pixels"
     )
     p.add_argument("--max-pixels", type=_count(1), default=64_000_000, help="refuse larger images")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     def run(args: argparse.Namespace) -> int:
         import json

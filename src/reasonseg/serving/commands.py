@@ -125,6 +125,30 @@ def _last_turn(out: Path) -> int:
     return max(numbers, default=0)
 
 
+_SERVE_FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "token": "--token",
+    "max_upload_bytes": "--max-upload-mb",
+    "max_pixels": "--max-pixels",
+    "max_instruction_chars": "--max-instruction-chars",
+    "request_timeout_s": "--timeout",
+    "max_batch_size": "--max-batch-size",
+    "max_wait_ms": "--max-wait-ms",
+    "cache_bytes": "--cache-mb",
+}
+"""The ``serve`` flag that fills each :class:`ServeSettings` field."""
+
+
+def _flag_message(message: str, args: argparse.Namespace) -> str:
+    """A ``ServeSettings.field=value: why`` error restated with the command-line flag and its value."""
+    for field, flag in _SERVE_FLAGS.items():
+        if message.startswith(f"ServeSettings.{field}="):
+            value = "***" if field == "token" else getattr(args, flag[2:].replace("-", "_"))
+            return f"{flag} {value}: {message.split(': ', 1)[1]}"
+    return message
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start the API + web page with uvicorn (loopback unless ``--host`` says otherwise)."""
     import os
@@ -136,19 +160,26 @@ def run_serve(args: argparse.Namespace) -> int:
     from reasonseg.serving.settings import ServeSettings
 
     token = args.token or os.environ.get("REASONSEG_SERVE_TOKEN") or None
-    settings = ServeSettings(
-        host=args.host,
-        port=args.port,
-        token=token,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        max_pixels=args.max_pixels,
-        max_instruction_chars=args.max_instruction_chars,
-        request_timeout_s=args.timeout,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        cache_bytes=int(args.cache_mb * 2**20),
-        enable_page=not args.no_page,
-    ).with_env()
+    try:
+        settings = ServeSettings(
+            host=args.host,
+            port=args.port,
+            token=token,
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            max_pixels=args.max_pixels,
+            max_instruction_chars=args.max_instruction_chars,
+            request_timeout_s=args.timeout,
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            cache_bytes=int(args.cache_mb * 2**20),
+            enable_page=not args.no_page,
+        )
+    except ValueError as err:
+        raise ValueError(_flag_message(str(err), args)) from None
+    try:
+        settings = settings.with_env()
+    except ValueError as err:
+        raise ValueError(f"with the REASONSEG_SERVE_* environment variables: {err}") from None
     if not settings.is_loopback and settings.token is None:
         print(f"warning: listening on {settings.host} without a token: anyone who can reach this machine can "
               "use the model (set --token or REASONSEG_SERVE_TOKEN)", file=sys.stderr)  # fmt: skip
