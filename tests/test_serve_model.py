@@ -178,6 +178,13 @@ def test_bad_arguments_fail_before_the_model_loads(
             "--max-upload-mb 0.0: must be positive",
         ),  # the flag, not the field
     ]
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cases.append((["serve", "--port", str(port)], f"--port {port}: cannot listen there"))
     for argv, message in cases:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(
@@ -187,6 +194,7 @@ def test_bad_arguments_fail_before_the_model_loads(
             )
             assert main([*argv, "--quiet"] if argv[0] in ("segment", "chat", "serve") else argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+    taken.close()
     for argv in (
         ["segment", str(EXAMPLE), "x", "--max-new-tokens", "0"],
         ["chat", str(EXAMPLE), "--max-turns", "-1"],

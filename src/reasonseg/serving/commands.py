@@ -149,6 +149,22 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
     return message
 
 
+def _check_port(host: str, port: int) -> None:
+    """Raise a ValueError naming ``--host``/``--port`` when nothing can listen there (taken, no such
+    address); the socket is closed again at once and uvicorn binds it for real."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind((host, port))
+    except OSError as err:
+        raise ValueError(
+            f"--host {host} --port {port}: cannot listen there ({err.strerror or err})"
+        ) from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start the API + web page with uvicorn (loopback unless ``--host`` says otherwise)."""
     import os
@@ -180,6 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings.with_env()
     except ValueError as err:
         raise ValueError(f"with the REASONSEG_SERVE_* environment variables: {err}") from None
+    _check_port(settings.host, settings.port)  # before the model loads: a taken port fails at once
     if not settings.is_loopback and settings.token is None:
         print(f"warning: listening on {settings.host} without a token: anyone who can reach this machine can "
               "use the model (set --token or REASONSEG_SERVE_TOKEN)", file=sys.stderr)  # fmt: skip
