@@ -129,6 +129,17 @@ def spread(model_dir: str, answer: str) -> None:
         )
 
 
+def _fresh_run(output_dir: str) -> None:
+    """These ablations reproduce a figure from scratch: the previous run of the same ablation (its
+    checkpoints, which ``Trainer.fit`` would refuse to overwrite) is replaced."""
+    import shutil
+
+    ckpts = Path(output_dir) / "checkpoints"
+    if ckpts.is_dir():
+        print(f"replacing the previous run of this ablation in {output_dir}")
+        shutil.rmtree(ckpts)
+
+
 def overfit(steps: int, threads: int) -> None:
     from reasonseg.data.readers import build_reader
     from reasonseg.training.encoder_cache import image_features
@@ -164,6 +175,7 @@ def overfit(steps: int, threads: int) -> None:
             chosen += list(targets.values())
         if len(chosen) >= 6:
             break
+    _fresh_run("runs/ablation-overfit")
     trainer = Trainer(recipe, dataset=chosen)
     result = trainer.fit()
     print("loss every 10 steps:", [round(h.loss, 3) for h in result.history[::10]])
@@ -198,6 +210,7 @@ def frozen_head(steps: int, threads: int, out: str) -> None:
             f"train.num_threads={threads}",
         ],
     )
+    _fresh_run("runs/ablation-frozen-head")
     trainer = Trainer(recipe)
     result = trainer.fit()
     print("loss every 20 steps:", [round(h.loss, 3) for h in result.history[::20]])

@@ -102,6 +102,7 @@ _driver)
     [ "$(cat $ST/synth.rc)" = 0 ] || { touch $ST/done; exit 1; }
     # Probe: 30 steps, to measure the step rate on this machine.
     sed -e "s#output_dir: .*#output_dir: $ST/probe#" $RECIPE >$ST/probe.yaml
+    rm -rf $ST/probe  # a scratch run: train refuses to start afresh over old checkpoints
     RS train $ST/probe.yaml --max-steps 30 >$ST/probe.log 2>&1 \
         || { echo "probe failed"; tail -n 30 $ST/probe.log; touch $ST/done; exit 1; }
     RATE=$($PY - <<EOF
@@ -160,6 +161,7 @@ measure)
             $RECIPE >$ST/w$W.yaml
         nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 >$ST/util$W.txt &
         SMI=$!
+        rm -rf $ST/w$W  # a scratch run, as the probe
         T0=$SECONDS
         timeout 150 $PY -c 'import sys; from reasonseg.cli import main; sys.exit(main())' train $ST/w$W.yaml \
             --max-steps 40 >$ST/w$W.log 2>&1
