@@ -136,3 +136,15 @@ def test_target_labels_parse_gsva_answers() -> None:
         "man",
     ]
     assert target_labels("Sure, it is [SEG].", slots) == [""]
+
+
+def test_token_budget_below_one_and_extreme_aspect_ratios(predictor: ReasonSegPredictor) -> None:
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be >= 1, got {bad}"):
+            predictor.predict("x", max_new_tokens=bad)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        ReasonSegPredictor(predictor.model, max_new_tokens=0)
+    # 4000x1: the short side used to round to 0 px and crash the resize; masks keep the original size.
+    predictor.set_image(np.full((1, 4000, 3), 100, np.uint8))
+    out = predictor.predict("the cup", max_new_tokens=4)
+    assert out.masks.shape[1:] == (1, 4000)

@@ -167,7 +167,8 @@ def _from_array(arr: np.ndarray, name: str, max_pixels: int, sixteen_bit: bool =
 def preprocess_shape(h: int, w: int, target_length: int) -> tuple[int, int]:
     """(h, w) after scaling the longest side to ``target_length``: int(side * scale + 0.5)."""
     scale = target_length / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    # At least 1 px: an image over 2048 times longer than wide would otherwise round its short side to 0.
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 @dataclass

@@ -139,7 +139,7 @@ class ReasonSegPredictor:
 
         self.model = model.eval()
         self.transform = SamTransform(model.sam.image_size)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = _token_budget(max_new_tokens, 64)
         self.cache_prefix = cache_prefix
         self._features: ImageFeatures | None = None
         self._image_hw: tuple[int, int] | None = None
@@ -275,7 +275,7 @@ class ReasonSegPredictor:
         out = self.model.generate(
             [ids],
             self._features,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=_token_budget(max_new_tokens, self.max_new_tokens),
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
@@ -316,7 +316,7 @@ class ReasonSegPredictor:
         out = self.model.generate(
             [ids for _, ids in prompts],
             self._features.select([0] * len(prompts)),
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=_token_budget(max_new_tokens, self.max_new_tokens),
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
@@ -368,7 +368,7 @@ class ReasonSegPredictor:
         out = model.generate(
             [ids for _, ids in prompts],
             ImageFeatures.cat(feats),  # type: ignore[arg-type]
-            max_new_tokens=max_new_tokens or max(p.max_new_tokens for p in predictors),
+            max_new_tokens=_token_budget(max_new_tokens, max(p.max_new_tokens for p in predictors)),
             prefix_cache=prefix,
             drafts=_draft_pool(predictors),
         )
@@ -437,3 +437,12 @@ def _draft_pool(predictors: Sequence[ReasonSegPredictor]) -> list[list[int]] | N
         return None
     recent = dict.fromkeys(tuple(r) for p in predictors for r in p._recent)
     return [list(r) for r in recent] + predictors[0].model.answer_drafts()
+
+
+def _token_budget(max_new_tokens: int | None, default: int) -> int:
+    """``max_new_tokens``, or ``default`` when None; a ValueError below 1 (0 used to mean the default)."""
+    if max_new_tokens is None:
+        return default
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return max_new_tokens
