@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from reasonseg.evaluation.command import load_model
+    from reasonseg.evaluation.fingerprint import files_digest, model_files
     from reasonseg.evaluation.lisa_segmenter import LisaSegmenter
     from reasonseg.evaluation.metrics import GSVA_RULES
     from reasonseg.evaluation.report import write_reports
@@ -267,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = {
         "protocol": f"synth-queries/{args.split}",
         "data": str(args.world.resolve()),
+        "data_sha256": files_digest(
+            [args.world / "world.json", *sorted((args.world / "refer_seg" / "grefcoco").glob("*.json"))]
+        ),
         "model": str(args.model),
         "sentences": "all" if args.all_sentences else "first",
         "limit": args.limit,
@@ -274,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quantization": args.quantization,
         "dtype": str(model.dtype).removeprefix("torch."),
     }
+    if Path(args.model).is_dir():
+        manifest["model_sha256"] = files_digest(model_files(args.model))
     config = RunConfig(out_dir=args.out, mode=args.mode, batch_size=args.batch_size)
     result = run_evaluation(segmenter, scored, GSVA_RULES, config, groups=GROUPS, manifest=manifest)
     result.summary["run"] = {

@@ -148,6 +148,46 @@ def test_eval_command_in_bf16_records_the_dtype(data: dict[str, Path], tmp_path:
         main([*argv, "--dtype", "float64"])
 
 
+def test_eval_resume_refuses_rewritten_weights_and_edited_annotations(
+    tiny_model: LisaModel, data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The manifest pins the model folder's and the annotation files' contents, not only their paths:
+    new weights exported over the same folder, or an annotation edited in place, are not resumed with
+    the earlier results."""
+    import shutil
+
+    from reasonseg.cli import main
+
+    model_dir = tiny_model.save_pretrained(tmp_path / "model")
+    root = tmp_path / "ReasonSeg"
+    shutil.copytree(data["reasonseg"], root)
+    argv = ["eval", "--model", str(model_dir), "--data", f"reasonseg:{root}:val", "--mode", "teacher-forced",
+            "--out", str(tmp_path / "run"), "--no-cache", "--worst-k", "0"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(manifest["model_sha256"]) == 64 and len(manifest["data_sha256"]) == 64
+    assert main(argv) == 0  # unchanged: resumed
+    capsys.readouterr()
+
+    anno = sorted((root / "val").glob("*.json"))[0]
+    record = json.loads(anno.read_text())
+    record["text"] = ["edited " + record["text"][0]]
+    anno.write_text(json.dumps(record))
+    assert main(argv) == 2
+    assert "data_sha256" in capsys.readouterr().err
+    shutil.copytree(data["reasonseg"], root, dirs_exist_ok=True)  # the original annotations back
+
+    from safetensors.torch import load_file, save_file
+
+    weights = sorted(model_dir.glob("*.safetensors"))[0]
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights)  # retrained weights written over the same folder
+    assert main(argv) == 2
+    assert "model_sha256" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # two processes, each loading the model (~30 s here)
 def test_cli_under_accelerate_two_processes_matches_one(
     tiny_model: LisaModel, data: dict[str, Path], tmp_path: Path

@@ -181,6 +181,18 @@ def test_rerun_skips_finished_and_manifest_mismatch_is_refused(tmp_path: Path) -
         _run(tmp_path, items[:4])
 
 
+def test_a_run_that_did_not_record_a_field_is_not_resumed(tmp_path: Path) -> None:
+    """A run directory written before the manifest held a field (e.g. the data digest) cannot be checked
+    against a new run: it is refused with a message that says so, rather than resumed."""
+    items = make_items(3)
+    _run(tmp_path, items)
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    del manifest["data"]
+    (tmp_path / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="did not record data"):
+        _run(tmp_path, items)
+
+
 # -- several processes ----------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

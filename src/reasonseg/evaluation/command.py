@@ -93,6 +93,7 @@ def load_model(spec: str, *, tiny: bool = False) -> LisaModel:
 
 def run_eval_command(cmd: EvalCommand) -> int:
     """Build the protocol and the model, run (or resume) the evaluation, write the reports."""
+    from reasonseg.evaluation.fingerprint import files_digest, model_files
     from reasonseg.evaluation.lisa_segmenter import LisaSegmenter
     from reasonseg.evaluation.protocols import build_protocol
     from reasonseg.evaluation.report import write_reports
@@ -116,7 +117,14 @@ def run_eval_command(cmd: EvalCommand) -> int:
         model, name=model_id, cache_dir=cmd.cache_dir, max_new_tokens=cmd.max_new_tokens
     )
     config = RunConfig(out_dir=cmd.out, mode=cmd.mode, batch_size=cmd.batch_size)
-    manifest = {"protocol": protocol.name, "data": str(protocol.spec), "model": model_id}
+    manifest = {
+        "protocol": protocol.name,
+        "data": str(protocol.spec),
+        "data_sha256": files_digest(protocol.sources),
+        "model": model_id,
+    }
+    if Path(cmd.model).is_dir():  # a preset's weights are fixed; a folder's may be rewritten in place
+        manifest["model_sha256"] = files_digest(model_files(cmd.model))
     if cmd.dtype != "fp32":  # (absent for fp32, so runs written before this option still resume)
         manifest["dtype"] = str(model.dtype).removeprefix("torch.")
     if cmd.mode == "generative":

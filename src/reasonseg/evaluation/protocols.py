@@ -141,6 +141,8 @@ class EvalProtocol:
         rules: LISA or GSVA scoring rules.
         groups: breakdown groups reported besides "overall".
         items: the items, in a fixed order.
+        sources: the annotation files the items are read from; a run's manifest holds their digest,
+            so that an edited annotation file is not resumed with stale results.
     """
 
     name: str
@@ -148,6 +150,7 @@ class EvalProtocol:
     rules: MetricRules
     groups: tuple[str, ...]
     items: list[EvalItem]
+    sources: tuple[Path, ...] = ()
 
 
 # -- prompts ---------------------------------------------------------------------------------------
@@ -216,7 +219,9 @@ def _reasonseg(spec: DataSpec) -> EvalProtocol:
         items.append(
             EvalItem(key=jp.stem, sample=load, group="long" if is_sentence else "short", query=query)
         )
-    return EvalProtocol(f"reasonseg/{spec.split}", spec, LISA_RULES, ("short", "long"), items)
+    return EvalProtocol(
+        f"reasonseg/{spec.split}", spec, LISA_RULES, ("short", "long"), items, tuple(reader.json_paths)
+    )
 
 
 def _grefcoco(spec: DataSpec) -> EvalProtocol:
@@ -259,7 +264,9 @@ def _grefcoco(spec: DataSpec) -> EvalProtocol:
         EvalItem(key=f"{image_id}", sample=make_loader(idx), query=" | ".join(query_of(i) for i in idx))
         for image_id, idx in by_image.items()
     ]
-    return EvalProtocol(f"grefcoco/{spec.split}", spec, GSVA_RULES, (), items)
+    return EvalProtocol(
+        f"grefcoco/{spec.split}", spec, GSVA_RULES, (), items, (reader.refs_path, reader.coco.path)
+    )
 
 
 def _refer(spec: DataSpec) -> EvalProtocol:
@@ -286,7 +293,8 @@ def _refer(spec: DataSpec) -> EvalProtocol:
         sents = reader.refs[ri].get("sentences") or [{}]
         query = str(sents[max(si, 0)].get("sent", "")).strip().lower()
         items.append(EvalItem(key=key, sample=load, query=query))
-    return EvalProtocol(f"{spec.dataset}({spec.split_by})/{spec.split}", spec, LISA_RULES, (), items)
+    name = f"{spec.dataset}({spec.split_by})/{spec.split}"
+    return EvalProtocol(name, spec, LISA_RULES, (), items, (reader.refs_path, reader.coco.path))
 
 
 def build_protocol(

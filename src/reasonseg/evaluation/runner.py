@@ -204,6 +204,11 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any], is_main: bool) -> N
             ) from exc
         # Report the most telling difference first: the manifest's own field order, the keys' hash last.
         for key in [*manifest, *(k for k in old if k not in manifest)]:
+            if key not in old:
+                raise ValueError(
+                    f"{path}: this directory holds a run that did not record {key}, so its results cannot "
+                    "be checked against this one; use another --out, or remove the directory to start over"
+                )
             if old.get(key) != manifest.get(key):
                 raise ValueError(
                     f"{path}: this directory holds a run with {key}={old.get(key)!r}, not {manifest.get(key)!r}; "
