@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from reasonseg.inference.errors import PromptTooLongError
 from reasonseg.inference.predictor import Prediction, Target
 
 
@@ -46,6 +47,8 @@ class FakePredictor:
         assert self.features is not None, "set_image first"
         if self.fail_on is not None and self.fail_on in instruction:
             raise RuntimeError("fake model failure")
+        if "too long" in instruction:
+            raise PromptTooLongError("the prompt is 2000 tokens ... over the LM's context of 1024 tokens")
         h, w = self.features.shape
         if "absent" in instruction:
             return Prediction(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lisa_tiny_helpers import single_thread, tiny_model, train_to_answer
-from reasonseg.inference.predictor import ReasonSegPredictor, target_labels
+from reasonseg.inference.predictor import PromptTooLongError, ReasonSegPredictor, target_labels
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +92,42 @@ def test_history_is_kept_across_turns(predictor: ReasonSegPredictor) -> None:
         predictor.predict("x", history=second.history[:-1])
 
 
+def test_history_as_chat_messages_or_pairs(predictor: ReasonSegPredictor) -> None:
+    """History given as chat-API messages ({"role", "content"}) or (role, text) pairs means the same as
+    Turns; anything else is refused with the index of the bad element."""
+    first = predictor.predict("Segment the cat.")
+    want = predictor.predict("And the dog?", history=first.history)
+    as_dicts = [{"role": t.role, "content": t.text} for t in first.history]
+    as_pairs = [(t.role, t.text) for t in first.history]
+    for history in (as_dicts, as_pairs):
+        got = predictor.predict("And the dog?", history=history)
+        assert got.text == want.text and got.history == want.history
+        np.testing.assert_array_equal(got.masks, want.masks)
+    with pytest.raises(
+        ValueError, match=r"history\[1\]: a message needs 'role' and 'content', missing 'role'"
+    ):
+        predictor.predict("x", history=[as_dicts[0], {"content": "hi"}])
+    with pytest.raises(
+        ValueError, match=r"history\[0\]: Turn.role must be 'user' or 'assistant', got 'system'"
+    ):
+        predictor.predict("x", history=[("system", "be brief"), as_pairs[1]])
+    with pytest.raises(TypeError, match=r"history\[0\]: expected a Turn.*got str"):
+        predictor.predict("x", history=["Segment the cat."])
+
+
+def test_a_prompt_over_the_lm_context_is_refused(predictor: ReasonSegPredictor) -> None:
+    context = predictor.model.config.lm.hf_config["max_position_embeddings"]
+    with pytest.raises(PromptTooLongError, match=f"over the LM's context of {context} tokens"):
+        predictor.predict("cat " * context)
+    with pytest.raises(PromptTooLongError, match="the answer may take"):
+        predictor.predict_batch(["the cat", "dog " * context])
+    # a prompt that fits, but not with its answer budget
+    ids = predictor._prompt("the cat", None, 1)[1]
+    with pytest.raises(PromptTooLongError):
+        predictor.predict("the cat", max_new_tokens=context - len(ids) + 1)
+    assert predictor.predict("the cat", max_new_tokens=4).text  # the predictor is still usable
+
+
 def test_a_next_turn_reuses_the_last_conversation_cache(predictor: ReasonSegPredictor) -> None:
     plain = ReasonSegPredictor(predictor.model, max_new_tokens=24, cache_prefix=False, draft_answers=False)
     plain.set_image(_image())
@@ -112,7 +148,7 @@ def test_a_next_turn_reuses_the_last_conversation_cache(predictor: ReasonSegPred
     finally:
         del predictor.model.mllm.run_decoder
     # Only the new turn (and the answer) ran through the LM; the earlier turns came from the cache.
-    new_turn = len(predictor._prompt("And the dog?", first.history)[1]) - len(ids_first)  # type: ignore[arg-type]
+    new_turn = len(predictor._prompt("And the dog?", first.history, 1)[1]) - len(ids_first)  # type: ignore[arg-type]
     assert 0 < fed[0] - new_turn <= predictor.max_new_tokens  # the new turn plus a drafted answer
     ref_first = plain.predict("Segment the cat.")
     ref_second = plain.predict("And the dog?", history=ref_first.history)

@@ -189,6 +189,14 @@ def test_model_failure_is_a_json_500_and_others_still_work(client: TestClient) -
     _still_serving(client)
 
 
+def test_a_prompt_over_the_context_is_a_400_naming_the_instruction(client: TestClient) -> None:
+    r = _post(client, png_bytes(make_image()), "a question far too long")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "prompt_too_long" and err["field"] == "instruction" and "context" in err["message"]
+    _still_serving(client)
+
+
 def test_unknown_route_and_method_are_json(client: TestClient) -> None:
     assert client.get("/v1/segment").json()["error"]["code"] == "method_not_allowed"
     assert client.get("/etc/passwd").status_code == 404

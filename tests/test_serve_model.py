@@ -260,6 +260,12 @@ def test_chat_keeps_history_and_saves_each_turn(tmp_path: Path, monkeypatch: pyt
     assert "(unknown command /bogus" in out.getvalue() and out.getvalue().count("model>") == 1
     assert (tmp_path / "turn01_result.json").read_bytes() == first
     assert (tmp_path / "turn04_result.json").is_file() and not (tmp_path / "turn05_result.json").exists()
+    # An instruction over the LM's context is reported and the session goes on, numbering on.
+    out = io.StringIO()
+    assert run_chat(args, stdin=io.StringIO("cat " * 2000 + "\nfifth\n"), stdout=out) == 0
+    assert "over the LM's context" in out.getvalue() and "/reset clears the history" in out.getvalue()
+    assert out.getvalue().count("model>") == 1
+    assert (tmp_path / "turn05_result.json").is_file() and not (tmp_path / "turn06_result.json").exists()
 
 
 def test_default_model_falls_back_to_untrained_preset_with_a_warning() -> None:

@@ -19,7 +19,7 @@ confidence; 0 for an empty mask). The mask decoder's own IoU prediction is also 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from reasonseg.data.conversation import Turn, encode_conversation
+from reasonseg.inference.errors import PromptTooLongError
 from reasonseg.model.lisa import LisaModel, fork_cache, stack_caches
 from reasonseg.model.outputs import ImageFeatures, MaskPrediction, TargetKind
 
-__all__ = ["Prediction", "ReasonSegPredictor", "Target", "target_labels"]
+__all__ = ["Prediction", "PromptTooLongError", "ReasonSegPredictor", "Target", "target_labels"]
 
 
 @dataclass
@@ -180,8 +181,12 @@ class ReasonSegPredictor:
 
     # ------------------------------------------------------------------------------------------ predict
 
-    def _prompt(self, instruction: str, history: Sequence[Any] | None) -> tuple[list[Turn], torch.Tensor]:
-        turns = [t if isinstance(t, Turn) else Turn(t.role, t.text) for t in (history or [])]
+    def _prompt(
+        self, instruction: str, history: Sequence[Any] | None, budget: int
+    ) -> tuple[list[Turn], torch.Tensor]:
+        """The turns and token ids of ``instruction`` after ``history``; refused when the prompt and
+        an answer of ``budget`` tokens would not fit the LM's context."""
+        turns = [_as_turn(t, i) for i, t in enumerate(history or [])]
         if turns and turns[-1].role != "assistant":
             raise ValueError("history must end with an assistant turn")
         turns.append(Turn("user", instruction))
@@ -192,6 +197,13 @@ class ReasonSegPredictor:
             self.model.num_image_tokens,
             add_generation_prompt=True,
         )
+        context = self.model.config.lm.hf_config.get("max_position_embeddings")
+        if context is not None and len(enc.input_ids) + budget > context:
+            raise PromptTooLongError(
+                f"the prompt is {len(enc.input_ids)} tokens ({self.model.num_image_tokens} of them the image, "
+                f"{len(turns) - 1} earlier turns) and the answer may take {budget} more: over the LM's "
+                f"context of {context} tokens; shorten the instruction or the history, or lower max_new_tokens"
+            )
         return turns, enc.input_ids
 
     def _prefix_for(self, ids: torch.Tensor, *, defer: bool = False) -> tuple[Any, int] | None:
@@ -270,12 +282,13 @@ class ReasonSegPredictor:
             return_logits: also return the float mask logits.
         """
         self._require_image()
-        turns, ids = self._prompt(instruction, history)
+        budget = _token_budget(max_new_tokens, self.max_new_tokens)
+        turns, ids = self._prompt(instruction, history, budget)
         prefix = self._prefix_for(ids, defer=True)
         out = self.model.generate(
             [ids],
             self._features,
-            max_new_tokens=_token_budget(max_new_tokens, self.max_new_tokens),
+            max_new_tokens=budget,
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
@@ -306,7 +319,8 @@ class ReasonSegPredictor:
         self._require_image()
         if not instructions:
             return []
-        prompts = [self._prompt(q, None) for q in instructions]
+        budget = _token_budget(max_new_tokens, self.max_new_tokens)
+        prompts = [self._prompt(q, None, budget) for q in instructions]
         assert self._features is not None
         # Every prompt starts with the same system prompt + image tokens: their cached keys/values
         # are shared by the whole batch (repeated per prompt inside generate), not recomputed.
@@ -316,7 +330,7 @@ class ReasonSegPredictor:
         out = self.model.generate(
             [ids for _, ids in prompts],
             self._features.select([0] * len(prompts)),
-            max_new_tokens=_token_budget(max_new_tokens, self.max_new_tokens),
+            max_new_tokens=budget,
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
@@ -357,7 +371,8 @@ class ReasonSegPredictor:
             raise ValueError("predict_many: the predictors must share one model")
         for p in predictors:
             p._require_image()
-        prompts = [p._prompt(q, None) for p, q in zip(predictors, instructions, strict=True)]
+        budget = _token_budget(max_new_tokens, max(p.max_new_tokens for p in predictors))
+        prompts = [p._prompt(q, None, budget) for p, q in zip(predictors, instructions, strict=True)]
         prefixes = [p._prefix_for(ids) for p, (_, ids) in zip(predictors, prompts, strict=True)]
         prefix = None
         if all(x is not None for x in prefixes) and len({x[1] for x in prefixes}) == 1:  # type: ignore[index]
@@ -368,7 +383,7 @@ class ReasonSegPredictor:
         out = model.generate(
             [ids for _, ids in prompts],
             ImageFeatures.cat(feats),  # type: ignore[arg-type]
-            max_new_tokens=_token_budget(max_new_tokens, max(p.max_new_tokens for p in predictors)),
+            max_new_tokens=budget,
             prefix_cache=prefix,
             drafts=_draft_pool(predictors),
         )
@@ -437,6 +452,29 @@ def _draft_pool(predictors: Sequence[ReasonSegPredictor]) -> list[list[int]] | N
         return None
     recent = dict.fromkeys(tuple(r) for p in predictors for r in p._recent)
     return [list(r) for r in recent] + predictors[0].model.answer_drafts()
+
+
+def _as_turn(turn: Any, index: int) -> Turn:
+    """``history[index]`` as a :class:`Turn`: a Turn, an object with ``role`` and ``text``, a mapping
+    with ``role`` and ``content`` (or ``text``), as chat APIs write it, or a ``(role, text)`` pair."""
+    try:
+        if isinstance(turn, Turn):
+            return turn
+        if isinstance(turn, Mapping):
+            text = turn["content"] if "content" in turn else turn["text"]
+            return Turn(turn["role"], text)
+        if isinstance(turn, (tuple, list)) and len(turn) == 2:
+            return Turn(*turn)
+        if hasattr(turn, "role") and hasattr(turn, "text"):
+            return Turn(turn.role, turn.text)
+    except KeyError as exc:
+        raise ValueError(f"history[{index}]: a message needs 'role' and 'content', missing {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"history[{index}]: {exc}") from None
+    raise TypeError(
+        f"history[{index}]: expected a Turn, a {{'role', 'content'}} mapping or a (role, text) pair, "
+        f"got {type(turn).__name__}"
+    )
 
 
 def _token_budget(max_new_tokens: int | None, default: int) -> int:

@@ -46,6 +46,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reasonseg.inference.errors import PromptTooLongError
 from reasonseg.serving.batching import BatchQueue, QueueFullError
 from reasonseg.serving.cache import image_key
 from reasonseg.serving.engine import JobResult, PredictorLike, SegmentEngine, SegmentJob
@@ -648,6 +649,8 @@ def create_app(
             )
         except QueueFullError as exc:
             raise ApiError(503, "queue_full", str(exc)) from None
+        except PromptTooLongError as exc:
+            raise ApiError(400, "prompt_too_long", str(exc), "instruction") from None
         except TimeoutError:
             raise ApiError(504, "timeout", f"no answer within {settings.request_timeout_s} s") from None
         t_model = time.perf_counter()

@@ -71,7 +71,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     """
     from reasonseg.cli import prepare_output_dir
     from reasonseg.inference.outputs import SegmentResult, write_result
-    from reasonseg.inference.predictor import ReasonSegPredictor
+    from reasonseg.inference.predictor import PromptTooLongError, ReasonSegPredictor
 
     fin, fout = stdin or sys.stdin, stdout or sys.stdout
     image = _read_image(args.image)
@@ -105,7 +105,12 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             continue
         turn += 1
         t1 = time.perf_counter()
-        prediction = predictor.predict(text, history=history)
+        try:
+            prediction = predictor.predict(text, history=history)
+        except PromptTooLongError as exc:
+            turn -= 1
+            say(f"({exc}; /reset clears the history)")
+            continue
         history = prediction.history[-2 * args.max_history :] if args.max_history else None
         result = SegmentResult.from_prediction(
             prediction, text, image.shape[:2], timings_ms={"predict": (time.perf_counter() - t1) * 1e3},
