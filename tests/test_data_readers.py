@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from reasonseg.data.readers import build_reader
+from reasonseg.data.readers import SkippedRecordsWarning, build_reader
 from reasonseg.data.readers.grefer import GRefCocoReader
 from reasonseg.data.readers.reasonseg import ReasonSegReader
 from reasonseg.data.readers.refer import RefCocoReader
@@ -437,3 +437,200 @@ def test_sample_validation() -> None:
         Sample(np.zeros((3, 5, 3), np.uint8), "x", turns, np.zeros((1, 4, 5)), "gres", "t")
     with pytest.raises(ValueError, match="start with a user turn"):
         Sample(ok.image, "x", turns[1:], np.zeros((1, 4, 5)), "gres", "t")
+
+
+# -- audit: skip reports, read-time checks, encodings, empty masks, suffix case -----------------------
+
+
+def llava_record(rid: str, *turns: tuple[str, str], image: str = "000000000042.jpg") -> dict:
+    return {"id": rid, "image": image, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def test_skip_mode_warns_once_with_the_count_and_the_reasons(tmp_path: Path) -> None:
+    write_image(tmp_path / "000000000042.jpg", 9, 11)
+    data = [
+        llava_record("good", ("human", "<image>\nWhat?"), ("gpt", "Noise.")),
+        llava_record("two", ("human", "<image> <image> What?"), ("gpt", "Noise.")),
+        {"id": "typo", "image": "000000000042.jpg", "conversation": []},
+    ]
+    (tmp_path / "vqa.json").write_text(json.dumps(data))
+    with pytest.warns(SkippedRecordsWarning) as caught:
+        reader = LlavaInstructReader(tmp_path / "vqa.json", tmp_path, skip_malformed=True)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith("llava_instruct: skipped 2 of 3 records as malformed")
+    assert "vqa.json [record 1, id 'two']" in message and "missing field 'conversations'" in message
+    assert sorted(reader.skipped) == [1, 2] and [s.meta["id"] for s in reader] == ["good"]
+
+    # records that only fail when loaded (here: images that are not images): one warning per reader
+    root = write_reasonseg(tmp_path / "ReasonSeg")
+    for stem in ("c", "d", "e"):
+        (root / "train" / f"{stem}.jpg").write_bytes(b"not a jpeg")
+        (root / "train" / f"{stem}.json").write_text((root / "train" / "b.json").read_text())
+    lazy = ReasonSegReader(root, "train", mode="eval", skip_malformed=True)
+    with pytest.warns(SkippedRecordsWarning) as caught:
+        assert len(list(lazy)) == 2 and len(list(lazy)) == 2
+    assert len(caught) == 1 and "reason_seg: skipped malformed record #2" in str(caught[0].message)
+    assert "c.jpg: not a readable image" in str(caught[0].message) and len(lazy.skipped) == 3
+    assert lazy.report(limit=1).endswith("... and 2 more (reader.report() lists them all)")
+
+
+def test_llava_image_placeholders_are_checked_when_the_file_is_read(tmp_path: Path) -> None:
+    write_image(tmp_path / "000000000042.jpg", 9, 11)
+    good = llava_record("ok", ("human", "What?\n<image>"), ("gpt", "Noise."))
+    bad = {
+        "two": llava_record("two", ("human", "<image>\n<image>\nWhat?"), ("gpt", "Noise.")),
+        "answer": llava_record("answer", ("human", "What?"), ("gpt", "<image> Noise.")),
+        "later": llava_record(
+            "later", ("human", "What?"), ("gpt", "Noise."), ("human", "<image> And?"), ("gpt", "No.")
+        ),
+    }
+    for rid, rec in bad.items():
+        (tmp_path / "vqa.json").write_text(json.dumps([good, rec]))
+        with pytest.raises(DataError, match=r"<image> placeholder\(s\); a conversation may hold one") as err:
+            LlavaInstructReader(tmp_path / "vqa.json", tmp_path)
+        assert err.value.path == f"{tmp_path / 'vqa.json'} [record 1, id '{rid}']"
+    (tmp_path / "vqa.json").write_text(json.dumps([good, *bad.values()]))
+    with pytest.warns(SkippedRecordsWarning, match="skipped 3 of 4 records"):
+        reader = LlavaInstructReader(tmp_path / "vqa.json", tmp_path, skip_malformed=True)
+    s = reader[2]  # replaced by the next good record, wrapping round
+    assert s.meta["id"] == "ok" and s.turns[0].text == "What?\n<image>"
+
+
+def test_json_encodings_bom_accepted_non_utf8_named(tmp_path: Path) -> None:
+    write_image(tmp_path / "000000000042.jpg", 9, 11)
+    data = [llava_record("é", ("human", "Qu'est-ce que c'est ?"), ("gpt", "Un café."))]
+    text = json.dumps(data, ensure_ascii=False)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    s = LlavaInstructReader(tmp_path / "bom.json", tmp_path)[0]
+    assert s.turns[1].text == "Un café." and s.meta["id"] == "é"
+    latin = text.encode("latin-1")
+    (tmp_path / "latin.json").write_bytes(latin)
+    with pytest.raises(DataError, match=rf"latin\.json: not UTF-8: byte 0xe9 at offset {latin.index(0xE9)}"):
+        LlavaInstructReader(tmp_path / "latin.json", tmp_path)
+    g, images, _ = write_grefcoco(tmp_path / "g")
+    (g / "instances.json").write_bytes((g / "instances.json").read_bytes().replace(b'"cup"', b'"caf\xe9"'))
+    with pytest.raises(DataError, match=r"instances\.json: not UTF-8"):
+        GRefCocoReader(g, images, "val")
+
+    # ReasonSeg: some published files are cp1252, as LISA's reader allows; read with a warning naming it
+    root = write_reasonseg(tmp_path / "ReasonSeg")
+    b = root / "train" / "b.json"
+    b.write_bytes(b.read_bytes().replace(b'"cup"', '"café cup"'.encode("cp1252")))
+    with pytest.warns(UnicodeWarning, match=r"b\.json: not UTF-8 \(byte offset \d+\), read as cp1252"):
+        s = ReasonSegReader(root, "train", mode="eval")[1]
+    assert s.target_texts == ["café cup"]
+
+
+def test_empty_target_masks_are_malformed_but_no_target_refs_stay(tmp_path: Path) -> None:
+    g, images, _ = write_grefcoco(tmp_path)
+    instances = json.loads((g / "instances.json").read_text())
+    empty_rle = rle_ann(12, 1, np.zeros((32, 48), bool))
+    flat = poly_ann(13, 1, 4, 4, 20, 4)  # all four corners on one line: no area
+    instances["annotations"] += [empty_rle, flat]
+    (g / "instances.json").write_text(json.dumps(instances))
+    refs = json.loads((g / "grefs(unc).json").read_text())
+    refs += [
+        {"ref_id": 4, "image_id": 1, "ann_id": [10, 12], "split": "val", "sentences": [{"sent": "cup a"}]},
+        {"ref_id": 5, "image_id": 1, "ann_id": [13], "split": "val", "sentences": [{"sent": "cup b"}]},
+    ]
+    (g / "grefs(unc).json").write_text(json.dumps(refs))
+    reader = GRefCocoReader(g, images, "val", mode="eval")
+    assert len(reader) == 5
+    for index, ann_id in ((3, 12), (4, 13)):
+        with pytest.raises(
+            DataError, match=rf"annotation {ann_id}: its segmentation decodes to an empty mask"
+        ):
+            reader[index]
+    none = reader[2]  # the no-target ref ([-1]) is still a [REJ] sample with its all-zero mask
+    assert none.target_kinds == ["rej"] and none.masks.sum() == 0
+    skip = GRefCocoReader(g, images, "val", mode="eval", skip_malformed=True)
+    with pytest.warns(SkippedRecordsWarning):
+        kinds = [s.target_kinds for s in skip]
+    assert kinds == [["seg", "seg"], ["seg", "seg"], ["rej"]] and sorted(skip.skipped) == [3, 4]
+
+    root = tmp_path / "refcoco"
+    root.mkdir()
+    coco_instances(root / "instances.json", [(1, "COCO_train2014_000000000001.jpg", 32, 48)], [flat])
+    with open(root / "refs(unc).p", "wb") as f:
+        pickle.dump(
+            [{"ref_id": 0, "ann_id": 13, "image_id": 1, "split": "val", "sentences": [{"sent": "x"}]}], f
+        )
+    with pytest.raises(
+        DataError, match=r"instances\.json: annotation 13: its segmentation decodes to an empty"
+    ):
+        RefCocoReader(root, images, "val")[0]
+
+
+def test_image_suffixes_match_in_any_case(tmp_path: Path) -> None:
+    root = write_reasonseg(tmp_path / "ReasonSeg")
+    tr = root / "train"
+    (tr / "a.jpg").rename(tr / "a.JPG")
+    (tr / "b.jpg").rename(tr / "b.Jpeg")
+    reader = ReasonSegReader(root, "train", mode="eval")
+    assert [s.image.name for s in reader] == ["a.JPG", "b.Jpeg"]  # type: ignore[union-attr]
+
+    ade = tmp_path / "ade20k"
+    write_image(ade / "images" / "training" / "ADE_1.JPG", 8, 8)
+    (ade / "annotations" / "training").mkdir(parents=True)
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(ade / "annotations" / "training" / "ADE_1.png")
+    assert ade20k(tmp_path, mode="eval")[0].target_texts == ["wall"]
+    base = tmp_path / "mapillary"
+    (base / "training" / "v2.0" / "labels").mkdir(parents=True)
+    (base / "config_v2.0.json").write_text(json.dumps({"labels": [{"readable": "Road"}]}))
+    write_image(base / "training" / "images" / "m1.JPEG", 8, 8)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(base / "training" / "v2.0" / "labels" / "m1.png")
+    assert mapillary(tmp_path, mode="eval")[0].image.name == "m1.JPEG"  # type: ignore[union-attr]
+
+
+def test_records_are_checked_when_the_annotation_file_is_opened(tmp_path: Path) -> None:
+    write_image(tmp_path / "000000000042.jpg", 9, 11)
+    data = [llava_record(str(i), ("human", "What?"), ("gpt", "Noise.")) for i in range(9001)]
+    data[9000]["conversations"][1]["vaule"] = data[9000]["conversations"][1].pop("value")
+    (tmp_path / "vqa.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"vqa\.json \[record 9000, id '9000'\]: missing field 'value'"):
+        LlavaInstructReader(tmp_path / "vqa.json", tmp_path)
+
+    g, images, _ = write_grefcoco(tmp_path / "g")
+    refs = json.loads((g / "grefs(unc).json").read_text())
+    good = [dict(r) for r in refs]
+    for change, reason in (
+        ({"ann_id": [10, 99]}, "annotation id 99 is not in"),
+        ({"image_id": 5}, "image id 5 is not in"),
+        ({"sentences": [{"text": "cups"}]}, "every sentence needs a 'sent' string"),
+        ({"ann_id": "10"}, "'ann_id' must be a list of ints"),
+    ):
+        (g / "grefs(unc).json").write_text(json.dumps([{**good[0], **change}, *good[1:]]))
+        with pytest.raises(DataError) as err:
+            GRefCocoReader(g, images, "val")
+        assert err.value.path.endswith("grefs(unc).json") and err.value.reason.startswith("ref 1: ")
+        assert reason in err.value.reason
+    # skip mode: the bad ref is skipped at start-up and never grouped with a good one (GSVA style)
+    (g / "grefs(unc).json").write_text(json.dumps([{**good[0], "ann_id": [99]}, *good[1:]]))
+    with pytest.warns(SkippedRecordsWarning, match="grefcoco: skipped 1 of 2 records"):
+        reader = GRefCocoReader(g, images, "val", expressions_per_sample=3, skip_malformed=True)
+    assert reader.get(0) is None and reader.get(1).target_texts == ["the giraffe"]  # type: ignore[union-attr]
+    (g / "grefs(unc).json").write_text(json.dumps([*good, {**good[1], "ref_id": 9, "ann_id": "10"}]))
+    with pytest.warns(
+        SkippedRecordsWarning, match=r"#1 .*grefs\(unc\)\.json: ref 9: 'ann_id' must be a list"
+    ):
+        dropped = GRefCocoReader(g, images, "val", no_target_refs="drop", skip_malformed=True)
+    assert len(dropped) == 2 and dropped.get(1) is None  # the malformed ref is reported, not filtered
+
+    root = tmp_path / "refcoco"
+    root.mkdir()
+    coco_instances(root / "instances.json", [(1, "COCO_train2014_000000000001.jpg", 32, 48)], [])
+    with open(root / "refs(unc).p", "wb") as f:
+        pickle.dump(
+            [{"ref_id": 7, "ann_id": 3, "image_id": 1, "split": "val", "sentences": [{"sent": "x"}]}], f
+        )
+    with pytest.raises(DataError, match=r"refs\(unc\)\.p: ref 7: annotation id 3 is not in"):
+        RefCocoReader(root, images, "val")
+
+    ann = tmp_path / "vlpart" / "paco" / "annotations"
+    ann.mkdir(parents=True)
+    coco_instances(
+        ann / "paco_lvis_v1_train.json", [(1, "1.jpg", 12, 12)], [poly_ann(5, 1, 1, 1, 6, 6, cat=9)]
+    )
+    with pytest.raises(DataError, match=r"paco_lvis_v1_train\.json: annotation 5: unknown category 9"):
+        paco_lvis(tmp_path)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,13 @@ from reasonseg.data.samples import DataError, Sample
 ReadMode = Literal["train", "eval"]
 # A polygon may overshoot the image border by this many pixels (annotation tools round outwards).
 POLYGON_TOLERANCE_PX = 1.0
+# Image files are found by these suffixes, compared case-insensitively (``X.JPG`` is a ``.jpg``).
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+REPORT_FIRST = 3  # skipped records a warning lists before "... and N more"
+
+
+class SkippedRecordsWarning(UserWarning):
+    """Records were skipped as malformed (``skip_malformed=True``); the message counts and lists them."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +43,13 @@ class Reader(ABC):
     sample is a pure function of those three numbers, in any process or DataLoader worker; ``mode="eval"``
     always takes the first query text and the first template.
 
-    Malformed records raise :class:`DataError` naming the file and the reason. With
-    ``skip_malformed=True`` they are skipped instead, counted in :attr:`skipped`, and :meth:`report` says
-    which and why.
+    Malformed records raise :class:`DataError` naming the file and the reason. A reader whose records sit
+    in one annotation file checks their structure when it opens it (:meth:`check_records`), so a bad
+    record fails at start-up; what needs the image (masks, sizes) is checked when the record is loaded.
+    With ``skip_malformed=True`` malformed records are skipped instead, counted in :attr:`skipped`, and
+    :meth:`report` says which and why; a :class:`SkippedRecordsWarning` tells the user once at start-up
+    (records found by :meth:`check_records`) and once at the first record skipped while loading (per
+    process: each DataLoader worker has its own copy of the reader).
     """
 
     source: str = "unknown"
@@ -49,6 +61,7 @@ class Reader(ABC):
         self.seed = int(seed)
         self.skip_malformed = bool(skip_malformed)
         self.skipped: dict[int, SkippedRecord] = {}
+        self._warned_on_load = False
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -56,6 +69,31 @@ class Reader(ABC):
     @abstractmethod
     def _load(self, index: int, rng: np.random.Generator | None) -> Sample:
         """Build sample ``index``; raise :class:`DataError` when its record is malformed."""
+
+    def _check(self, index: int) -> None:
+        """Cheap start-up check of record ``index`` (structure, keys, types; no image decoding): raise
+        :class:`DataError` when it is malformed. Readers that call :meth:`check_records` override it."""
+        return None  # nothing to check without an annotation file
+
+    def check_records(self) -> None:
+        """Run :meth:`_check` on every record; the end of ``__init__`` of a reader with an annotation file.
+
+        A malformed record raises :class:`DataError`; in skip mode it is skipped from the start instead,
+        and one :class:`SkippedRecordsWarning` names the reader, the count and the first reasons.
+        """
+        for i in range(len(self)):
+            try:
+                self._check(i)
+            except DataError as exc:
+                if not self.skip_malformed:
+                    raise
+                self.skipped[i] = SkippedRecord(i, exc.path, exc.reason)
+        if self.skipped and len(self.skipped) == len(self):
+            raise DataError(
+                self.source, f"all {len(self)} records are malformed\n{self.report(REPORT_FIRST)}"
+            )
+        if self.skipped:
+            warnings.warn(self.report(REPORT_FIRST), SkippedRecordsWarning, stacklevel=3)
 
     def rng_for(self, index: int, epoch: int = 0) -> np.random.Generator | None:
         """The per-record generator (None in eval mode: first text, first template)."""
@@ -67,12 +105,22 @@ class Reader(ABC):
         """Sample ``index``, or None if it is malformed and skip mode is on."""
         if not 0 <= index < len(self):
             raise IndexError(f"{self.source}: index {index} out of range [0, {len(self)})")
+        if index in self.skipped:
+            return None
         try:
             return self._load(index, self.rng_for(index, epoch))
         except DataError as exc:
             if not self.skip_malformed:
                 raise
             self.skipped[index] = SkippedRecord(index, exc.path, exc.reason)
+            if not self._warned_on_load:
+                self._warned_on_load = True
+                warnings.warn(
+                    f"{self.source}: skipped malformed record #{index} ({exc}); skip_malformed is on, so "
+                    "further ones are skipped without a warning (reader.report() lists them)",
+                    SkippedRecordsWarning,
+                    stacklevel=2,
+                )
             return None
 
     def __getitem__(self, index: int) -> Sample:
@@ -90,29 +138,61 @@ class Reader(ABC):
             if sample is not None:
                 yield sample
 
-    def report(self) -> str:
-        """One line per skipped record, after a count."""
-        lines = [f"{self.source}: skipped {len(self.skipped)} of {len(self)} records"]
-        lines += [
-            f"  #{r.index} {r.path}: {r.reason}" for r in sorted(self.skipped.values(), key=lambda r: r.index)
-        ]
+    def report(self, limit: int | None = None) -> str:
+        """One line per skipped record (the first ``limit`` of them), after a count."""
+        records = sorted(self.skipped.values(), key=lambda r: r.index)
+        lines = [f"{self.source}: skipped {len(records)} of {len(self)} records as malformed"]
+        lines += [f"  #{r.index} {r.path}: {r.reason}" for r in records[:limit]]
+        if limit is not None and len(records) > limit:
+            lines.append(f"  ... and {len(records) - limit} more (reader.report() lists them all)")
         return "\n".join(lines)
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; DataError naming the file for a missing file or broken JSON."""
+def read_json(path: str | Path, *, cp1252_fallback: bool = False) -> Any:
+    """Parse a UTF-8 JSON file (a byte-order mark is allowed); DataError naming the file for a missing
+    file, broken JSON, or bytes that are not UTF-8 (with their offset).
+
+    ``cp1252_fallback``: decode a non-UTF-8 file as Windows-1252 instead, with a warning naming it. Some
+    ReasonSeg annotations are cp1252 and LISA's reader falls back the same way; other formats are UTF-8.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(p, "file is missing")
+    raw = p.read_bytes()
     try:
-        raw = p.read_bytes()
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        if not cp1252_fallback:
+            raise DataError(p, f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from exc
+        warnings.warn(
+            f"{p}: not UTF-8 (byte offset {exc.start}), read as cp1252", UnicodeWarning, stacklevel=2
+        )
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("cp1252")  # some ReasonSeg files are not UTF-8
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError as exc2:
+            raise DataError(p, f"neither UTF-8 nor cp1252 (byte offset {exc2.start})") from exc2
+    try:
         return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise DataError(p, f"broken JSON ({exc})") from exc
+
+
+def files_with_suffix(folder: Path, suffixes: Iterable[str]) -> list[Path]:
+    """The files in ``folder`` whose suffix is one of ``suffixes`` (lower case), compared
+    case-insensitively so that ``X.JPG`` counts as ``.jpg``; sorted, [] when the folder is missing."""
+    wanted = tuple(suffixes)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in wanted and p.is_file())
+
+
+def images_by_stem(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """Image files of ``folder`` by stem (:func:`files_with_suffix`); for one stem with several suffixes,
+    the one listed first in ``suffixes`` wins."""
+    found: dict[str, Path] = {}
+    for p in sorted(files_with_suffix(folder, suffixes), key=lambda p: suffixes.index(p.suffix.lower())):
+        found.setdefault(p.stem, p)
+    return found
 
 
 def require(obj: Any, key: str, typ: type | tuple[type, ...], path: str | Path) -> Any:

@@ -16,7 +16,9 @@ class CocoInstances:
     """Images and annotations of a COCO ``instances.json``, indexed by id.
 
     ``segmentation`` may be polygons (list of flat [x0, y0, x1, y1, ...] lists), uncompressed RLE
-    (``counts`` a list) or compressed RLE (``counts`` a string); all decode to uint8 [H,W] masks.
+    (``counts`` a list) or compressed RLE (``counts`` a string); all decode to uint8 [H,W] masks. Every
+    annotation is a target object, so one whose mask is empty (an empty RLE, a degenerate polygon) is
+    malformed.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -63,7 +65,7 @@ class CocoInstances:
         return self.anns[ann_id]
 
     def ann_mask(self, ann_id: int) -> np.ndarray:
-        """uint8 [H,W] mask of one annotation (H,W from its image entry)."""
+        """uint8 [H,W] mask of one annotation (H,W from its image entry); DataError if it is empty."""
         ann = self.ann(ann_id)
         im = self.image(int(ann["image_id"]))
         h, w = int(im["height"]), int(im["width"])
@@ -82,4 +84,7 @@ class CocoInstances:
                 rle["counts"] = rle["counts"].encode("ascii")
         else:
             raise DataError(self.path, f"{what}: 'segmentation' is neither polygons nor RLE")
-        return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+        mask = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+        if not mask.any():
+            raise DataError(self.path, f"{what}: its segmentation decodes to an empty mask")
+        return mask

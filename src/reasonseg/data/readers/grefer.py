@@ -53,6 +53,30 @@ def pick_sentence(ref: dict[str, Any], index: int, rng: np.random.Generator | No
     return require(sents[index], "sent", str, refs_path)
 
 
+def check_ref(ref: dict[str, Any], ann_ids: list[int], coco: CocoInstances, refs_path: Path) -> None:
+    """Start-up check of a REFER-format ref: every sentence has a ``sent`` string, and its image and
+    target annotations are in ``instances.json``, the annotations on that image. DataError naming the
+    refs file and the ref otherwise."""
+    what = f"ref {ref.get('ref_id', '?')}"
+    sents = ref.get("sentences")
+    if not isinstance(sents, list) or not sents:
+        raise DataError(refs_path, f"{what}: 'sentences' must be a non-empty list")
+    if not all(isinstance(s, dict) and isinstance(s.get("sent"), str) for s in sents):
+        raise DataError(refs_path, f"{what}: every sentence needs a 'sent' string")
+    image_id = ref.get("image_id")
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise DataError(refs_path, f"{what}: 'image_id' must be an int, got {image_id!r}")
+    if image_id not in coco.images:
+        raise DataError(refs_path, f"{what}: image id {image_id} is not in {coco.path}")
+    for a in ann_ids:
+        if a not in coco.anns:
+            raise DataError(refs_path, f"{what}: annotation id {a} is not in {coco.path}")
+        if coco.anns[a]["image_id"] != image_id:
+            raise DataError(
+                refs_path, f"{what}: annotation {a} is on image {coco.anns[a]['image_id']}, not {image_id}"
+            )
+
+
 def sentence_index(refs: list[dict[str, Any]], mode: ReadMode) -> list[tuple[int, int]]:
     """Items of a REFER-format reader as (ref index, sentence index): every sentence in eval mode; in train
     mode one item per ref with sentence index -1 ("pick one at random", see :func:`pick_sentence`)."""
@@ -116,18 +140,32 @@ class GRefCocoReader(Reader):
             raise DataError(self.refs_path, f"no refs with split {split!r}")
         if no_target_refs != "keep":
             want_no_target = no_target_refs == "only"
-            self.refs = [r for r in self.refs if (not self.target_ann_ids(r)) == want_no_target]
+            self.refs = [r for r in self.refs if self._no_target(r) in (want_no_target, None)]
             if not self.refs:
                 raise DataError(
                     self.refs_path, f"no refs of split {split!r} left with no_target_refs={no_target_refs!r}"
                 )
+        self.index = sentence_index(self.refs, mode)
+        self.check_records()
+        bad = {self.index[i][0] for i in self.skipped}
         self.refs_of_image: dict[int, list[int]] = {}
         for i, r in enumerate(self.refs):
-            self.refs_of_image.setdefault(int(r.get("image_id", -1)), []).append(i)
-        self.index = sentence_index(self.refs, mode)
+            if i not in bad:
+                self.refs_of_image.setdefault(r["image_id"], []).append(i)
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def _check(self, index: int) -> None:
+        ref = self.refs[self.index[index][0]]
+        check_ref(ref, self.target_ann_ids(ref), self.coco, self.refs_path)
+
+    def _no_target(self, ref: dict[str, Any]) -> bool | None:
+        """Whether a ref has no target; None when it is malformed (:meth:`check_records` reports it)."""
+        try:
+            return not self.target_ann_ids(ref)
+        except DataError:
+            return None
 
     def target_ann_ids(self, ref: dict[str, Any]) -> list[int]:
         """Annotation ids of a ref; [] for no target."""

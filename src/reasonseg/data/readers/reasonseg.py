@@ -19,15 +19,26 @@ from pathlib import Path
 import numpy as np
 
 from reasonseg.data import templates
-from reasonseg.data.readers.base import Reader, ReadMode, check_polygon, paint_polygons, read_json, require
+from reasonseg.data.readers.base import (
+    IMAGE_SUFFIXES,
+    Reader,
+    ReadMode,
+    check_polygon,
+    files_with_suffix,
+    images_by_stem,
+    paint_polygons,
+    read_json,
+    require,
+)
 from reasonseg.data.samples import DataError, Sample, image_size
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def read_reasonseg_json(path: str | Path, hw: tuple[int, int]) -> tuple[list[str], bool, np.ndarray]:
-    """Parse one ReasonSeg JSON -> (texts, is_sentence, uint8 [H,W] label map with 0/1/255)."""
-    anno = read_json(path)
+    """Parse one ReasonSeg JSON -> (texts, is_sentence, uint8 [H,W] label map with 0/1/255).
+
+    A file that is not UTF-8 is read as cp1252 with a warning: some of the published files are.
+    """
+    anno = read_json(path, cp1252_fallback=True)
     texts = require(anno, "text", (list, str), path)
     texts = [texts] if isinstance(texts, str) else texts
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -82,9 +93,10 @@ class ReasonSegReader(Reader):
         folder = self.root / split
         if not folder.is_dir():
             raise DataError(folder, f"ReasonSeg split folder '{split}' is missing")
-        self.json_paths = sorted(folder.glob("*.json"))
+        self.json_paths = files_with_suffix(folder, [".json"])
         if not self.json_paths:
             raise DataError(folder, "no *.json annotations in this split")
+        self.images = images_by_stem(folder)
         self.explanations: dict[str, tuple[str, str]] = {}
         exp_path = self.root / "explanatory" / f"{split}.json"
         if exp_path.is_file():
@@ -103,11 +115,10 @@ class ReasonSegReader(Reader):
         return len(self.json_paths)
 
     def image_path(self, json_path: Path) -> Path:
-        for suffix in IMAGE_SUFFIXES:
-            p = json_path.with_suffix(suffix)
-            if p.is_file():
-                return p
-        raise DataError(json_path, f"no image next to it (looked for {', '.join(IMAGE_SUFFIXES)})")
+        """The image next to an annotation: same stem, a suffix of ``IMAGE_SUFFIXES`` in any case."""
+        if json_path.stem in self.images:
+            return self.images[json_path.stem]
+        raise DataError(json_path, f"no image next to it (looked for {', '.join(IMAGE_SUFFIXES)}, any case)")
 
     def _load(self, index: int, rng: np.random.Generator | None) -> Sample:
         jp = self.json_paths[index]

@@ -22,7 +22,7 @@ import numpy as np
 from reasonseg.data import templates
 from reasonseg.data.readers.base import Reader, ReadMode, require
 from reasonseg.data.readers.coco import CocoInstances
-from reasonseg.data.readers.grefer import is_sentence, pick_sentence, sentence_index
+from reasonseg.data.readers.grefer import check_ref, is_sentence, pick_sentence, sentence_index
 from reasonseg.data.samples import DataError, Sample
 
 DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "refclef": "unc"}
@@ -81,9 +81,19 @@ class RefCocoReader(Reader):
         if not self.refs:
             raise DataError(self.refs_path, f"no refs with split {split!r}")
         self.index = sentence_index(self.refs, mode)
+        self.check_records()
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def _check(self, index: int) -> None:
+        ref = self.refs[self.index[index][0]]
+        ann_id = ref.get("ann_id")
+        if not isinstance(ann_id, int):
+            raise DataError(
+                self.refs_path, f"ref {ref.get('ref_id', '?')}: 'ann_id' must be an int, got {ann_id!r}"
+            )
+        check_ref(ref, [ann_id], self.coco, self.refs_path)
 
     def _load(self, index: int, rng: np.random.Generator | None) -> Sample:
         ri, si = self.index[index]

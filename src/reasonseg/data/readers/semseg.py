@@ -15,7 +15,9 @@ PASCAL-Part: ``vlpart/pascal_part/train.json`` with images under
 ``vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages/``.
 
 Each sample asks about up to ``classes_per_sample`` classes present in the image (LISA: 3), one
-question/answer turn pair per class, one mask per class in turn order.
+question/answer turn pair per class, one mask per class in turn order. Image suffixes are matched in any
+case (``X.JPG``). At start-up the label-map readers check that every label map exists, the part readers
+that every annotation names a known category.
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ import numpy as np
 from PIL import Image
 
 from reasonseg.data import templates
-from reasonseg.data.readers.base import Reader, ReadMode, read_json, require
+from reasonseg.data.readers.base import (
+    Reader,
+    ReadMode,
+    files_with_suffix,
+    images_by_stem,
+    read_json,
+    require,
+)
 from reasonseg.data.readers.coco import CocoInstances
 from reasonseg.data.samples import DataError, Sample, Turn, image_size
 
 IGNORE = 255
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # photos of the label-map datasets (their .png files are labels)
 
 ADE20K_CLASSES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -163,9 +173,14 @@ class LabelMapReader(Reader):
         self.labels = list(labels)
         self.classes = tuple(classes)
         self.classes_per_sample = classes_per_sample
+        self.check_records()
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def _check(self, index: int) -> None:
+        if not self.labels[index].is_file():
+            raise DataError(self.labels[index], f"label map of {self.images[index].name} is missing")
 
     def label_map(self, raw: np.ndarray) -> np.ndarray:
         """Raw png values -> class indices with 255 = ignore (per-dataset rule)."""
@@ -238,9 +253,16 @@ class PartReader(Reader):
         self.image_ids = sorted(i for i in self.coco.images if self.by_image.get(i))
         if not self.image_ids:
             raise DataError(self.coco.path, "no image has annotations")
+        self.check_records()
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def _check(self, index: int) -> None:
+        for aid in self.by_image[self.image_ids[index]]:
+            cid = require(self.coco.ann(aid), "category_id", int, self.coco.path)
+            if cid not in self.coco.categories:
+                raise DataError(self.coco.path, f"annotation {aid}: unknown category {cid}")
 
     def _load(self, index: int, rng: np.random.Generator | None) -> Sample:
         iid = self.image_ids[index]
@@ -274,7 +296,7 @@ class PartReader(Reader):
 def ade20k(root: str | Path, split: str = "training", **kw: object) -> LabelMapReader:
     """ADE20K from ``root/ade20k/{images,annotations}/<split>/``."""
     base = Path(root) / "ade20k"
-    images = sorted((base / "images" / split).glob("*.jpg"))
+    images = files_with_suffix(base / "images" / split, JPEG_SUFFIXES)
     if not images:
         raise DataError(base / "images" / split, "no *.jpg images")
     labels = [base / "annotations" / split / f"{p.stem}.png" for p in images]
@@ -286,7 +308,7 @@ def cocostuff(
 ) -> LabelMapReader:
     """COCO-Stuff from ``root/cocostuff/<split>/X.{jpg,png}``; ``classes_file`` = LISA's cocostuff_classes.txt."""
     folder = Path(root) / "cocostuff" / split
-    images = sorted(folder.glob("*.jpg"))
+    images = files_with_suffix(folder, JPEG_SUFFIXES)
     if not images:
         raise DataError(folder, "no *.jpg images")
     classes = read_cocostuff_classes(classes_file) if classes_file else COCOSTUFF_CLASSES
@@ -302,7 +324,8 @@ def mapillary(root: str | Path, **kw: object) -> LabelMapReader:
     labels = sorted((base / "training" / "v2.0" / "labels").glob("*.png"))
     if not labels:
         raise DataError(base / "training" / "v2.0" / "labels", "no *.png label maps")
-    images = [base / "training" / "images" / f"{p.stem}.jpg" for p in labels]
+    found = images_by_stem(base / "training" / "images", JPEG_SUFFIXES)
+    images = [found.get(p.stem, base / "training" / "images" / f"{p.stem}.jpg") for p in labels]
     return LabelMapReader("mapillary", images, labels, classes, **kw)  # type: ignore[arg-type]
 
 
