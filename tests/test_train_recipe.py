@@ -152,3 +152,37 @@ def test_datasets_with_one_name_form_one_mixture_source() -> None:
     assert len(mix) == 12 and mix.names == ["a", "b"]
     assert list(mix.rates) == pytest.approx([0.75, 0.25])
     assert mix.get(5, epoch=1).image_id == mix.get(5, epoch=1).image_id  # deterministic by (index, epoch)
+
+
+def test_reader_option_typos_fail_when_the_recipe_is_read(tmp_path: Path) -> None:
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(
+        "data:\n  datasets:\n"
+        "    - {name: synth, kind: synth, path: nowhere, options: {fixed_answer: true}}\n"
+        "    - {name: reason, kind: reason_seg, path: nowhere, options: {explanatry_rate: 0.0}}\n"
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)  # before any model loads, and before the (missing) data is opened
+    message = str(err.value)
+    assert message.startswith(f"{bad}: data.datasets[1]: dataset 'reason' (kind reason_seg)")
+    assert "unknown option(s) ['explanatry_rate']" in message
+    assert "reason_seg takes: explanatory_rate, fixed_answer, skip_malformed, split" in message
+    bad.write_text("data: {datasets: [{kind: refcoco, path: x, options: {seed: 3}}]}\n")
+    with pytest.raises(RecipeError, match=r"unknown option\(s\) \['seed'\].*set by the trainer"):
+        load_recipe(bad)
+    bad.write_text("data: {datasets: [{kind: refcocoo, path: x}]}\n")
+    with pytest.raises(
+        RecipeError, match=r"datasets\[0\]: unknown kind 'refcocoo'; known: callable, reason_seg"
+    ):
+        load_recipe(bad)
+
+
+def test_build_reader_names_options_its_reader_does_not_take(tmp_path: Path) -> None:
+    from reasonseg.data.readers import build_reader, reader_options
+
+    assert "per_instance" in reader_options("grefcoco") and "image_root" in reader_options("refcoco")
+    assert "image_root" not in reader_options("paco_lvis")  # build_reader sets it from the path
+    with pytest.raises(
+        ValueError, match=r"'ade20k' takes no option\(s\) \['clases_per_sample'\].*classes_per"
+    ):
+        build_reader("ade20k", tmp_path, clases_per_sample=2)

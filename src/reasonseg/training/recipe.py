@@ -74,6 +74,9 @@ class DatasetSpec:
     ``"package.module:function"`` returning a sequence of ``Sample`` (called with ``**options``), the way
     to plug in your own data. ``rate`` is the relative sampling rate (LISA: 9:3:3:1); datasets with the
     same ``name`` form one source of the mixture (LISA's ``sem_seg`` group) at the first one's rate.
+    A reader kind's ``options`` are checked against the options its reader takes
+    (``reasonseg.data.readers.reader_options``) when the recipe is read, so a typo fails before any model
+    loads; ``mode`` and ``seed`` are not among them: the trainer sets ``mode="train"`` and ``train.seed``.
     """
 
     kind: str
@@ -90,6 +93,21 @@ class DatasetSpec:
             raise ValueError(f"rate must be > 0, got {self.rate!r}")
         if self.kind == "callable" and (not self.target or ":" not in self.target):
             raise ValueError("kind 'callable' needs target: 'package.module:function'")
+        if self.kind != "callable":
+            self._check_reader_options()
+
+    def _check_reader_options(self) -> None:
+        from reasonseg.data.readers import READER_KINDS, reader_options
+
+        if self.kind not in READER_KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}; known: callable, {', '.join(READER_KINDS)}")
+        accepted = [o for o in reader_options(self.kind) if o not in ("mode", "seed")]
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"dataset {self.name or self.kind!r} (kind {self.kind}): unknown option(s) {unknown}; "
+                f"{self.kind} takes: {', '.join(accepted)} (mode and seed are set by the trainer)"
+            )
 
 
 @dataclass(frozen=True)
