@@ -122,7 +122,7 @@ def test_a_prompt_over_the_lm_context_is_refused(predictor: ReasonSegPredictor) 
     with pytest.raises(PromptTooLongError, match="the answer may take"):
         predictor.predict_batch(["the cat", "dog " * context])
     # a prompt that fits, but not with its answer budget
-    ids = predictor._prompt("the cat", None, 1)[1]
+    ids = predictor._prompt("the cat", None)[1]
     with pytest.raises(PromptTooLongError):
         predictor.predict("the cat", max_new_tokens=context - len(ids) + 1)
     assert predictor.predict("the cat", max_new_tokens=4).text  # the predictor is still usable
@@ -148,7 +148,7 @@ def test_a_next_turn_reuses_the_last_conversation_cache(predictor: ReasonSegPred
     finally:
         del predictor.model.mllm.run_decoder
     # Only the new turn (and the answer) ran through the LM; the earlier turns came from the cache.
-    new_turn = len(predictor._prompt("And the dog?", first.history, 1)[1]) - len(ids_first)  # type: ignore[arg-type]
+    new_turn = len(predictor._prompt("And the dog?", first.history)[1]) - len(ids_first)  # type: ignore[arg-type]
     assert 0 < fed[0] - new_turn <= predictor.max_new_tokens  # the new turn plus a drafted answer
     ref_first = plain.predict("Segment the cat.")
     ref_second = plain.predict("And the dog?", history=ref_first.history)

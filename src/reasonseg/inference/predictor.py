@@ -182,10 +182,10 @@ class ReasonSegPredictor:
     # ------------------------------------------------------------------------------------------ predict
 
     def _prompt(
-        self, instruction: str, history: Sequence[Any] | None, budget: int
+        self, instruction: str, history: Sequence[Any] | None, budget: int = 0
     ) -> tuple[list[Turn], torch.Tensor]:
-        """The turns and token ids of ``instruction`` after ``history``; refused when the prompt and
-        an answer of ``budget`` tokens would not fit the LM's context."""
+        """The turns and token ids of ``instruction`` after ``history``; :class:`PromptTooLongError`
+        when the prompt and an answer of ``budget`` tokens would not fit the LM's context."""
         turns = [_as_turn(t, i) for i, t in enumerate(history or [])]
         if turns and turns[-1].role != "assistant":
             raise ValueError("history must end with an assistant turn")
