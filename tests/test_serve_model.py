@@ -266,6 +266,12 @@ def test_chat_keeps_history_and_saves_each_turn(tmp_path: Path, monkeypatch: pyt
     assert "over the LM's context" in out.getvalue() and "/reset clears the history" in out.getvalue()
     assert out.getvalue().count("model>") == 1
     assert (tmp_path / "turn05_result.json").is_file() and not (tmp_path / "turn06_result.json").exists()
+    # --max-turns counts answered prompts only: blank lines and /commands do not use one up.
+    out = io.StringIO()
+    args.max_turns = 1
+    assert run_chat(args, stdin=io.StringIO("\n/reset\n/bogus\nsixth\nseventh\n"), stdout=out) == 0
+    assert out.getvalue().count("model>") == 1 and "(stopping after 1 turns)" in out.getvalue()
+    assert (tmp_path / "turn06_result.json").is_file() and not (tmp_path / "turn07_result.json").exists()
 
 
 def test_default_model_falls_back_to_untrained_preset_with_a_warning() -> None:
@@ -296,6 +302,8 @@ def test_model_directory_is_accepted(tmp_path: Path, tiny_model) -> None:  # typ
         mp.setattr(LisaModel, "from_pretrained", classmethod(spy))
         loaded = load_model(str(tmp_path / "m"), progress=False)
     assert loaded.name == "m" and not loaded.untrained and loaded.source == str(tmp_path / "m")
+    with pytest.raises(ValueError, match="--tiny applies to a preset --model"):
+        load_model(str(tmp_path / "m"), tiny=True, progress=False)  # was silently ignored
     # --quiet: transformers' own loading bars are off while loading, and back on afterwards.
     assert bars == [False] and hf_logging.is_progress_bar_enabled()
 

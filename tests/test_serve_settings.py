@@ -41,3 +41,35 @@ def test_loopback_detection_and_env_overrides(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("REASONSEG_SERVE_PORT", "eighty")
     with pytest.raises(ValueError, match="REASONSEG_SERVE_PORT"):
         ServeSettings().with_env()
+
+
+def _serve_args(argv: list[str]):  # type: ignore[no-untyped-def]
+    from reasonseg.cli import build_parser
+
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_serve_flags_win_over_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defaults, then REASONSEG_SERVE_* variables, then the flags given on the command line."""
+    from reasonseg.serving.commands import serve_settings
+
+    monkeypatch.setenv("REASONSEG_SERVE_PORT", "8771")
+    monkeypatch.setenv("REASONSEG_SERVE_TOKEN", "env-token-1234")
+    monkeypatch.setenv("REASONSEG_SERVE_MAX_PIXELS", "1000")
+    s = serve_settings(_serve_args(["--port", "8770", "--token", "cli-token-1234", "--cache-mb", "0"]))
+    assert (s.port, s.token, s.max_pixels, s.cache_bytes) == (8770, "cli-token-1234", 1000, 0)
+    s = serve_settings(_serve_args([]))  # nothing given: the variables, else the defaults
+    assert (s.port, s.token, s.max_pixels, s.host, s.enable_page) == (
+        8771,
+        "env-token-1234",
+        1000,
+        "127.0.0.1",
+        True,
+    )
+    assert not serve_settings(_serve_args(["--no-page"])).enable_page
+    with pytest.raises(ValueError, match=r"^--token \*\*\*: must be at least 8 characters"):
+        serve_settings(_serve_args(["--token", "short"]))
+    monkeypatch.setenv("REASONSEG_SERVE_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match=r"environment variables.*max_batch_size"):
+        serve_settings(_serve_args([]))
+    assert serve_settings(_serve_args(["--max-batch-size", "4"])).max_batch_size == 4  # the flag wins

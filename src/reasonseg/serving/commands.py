@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from reasonseg.serving.loading import LoadedModel
+    from reasonseg.serving.settings import ServeSettings
 
 __all__ = ["run_chat", "run_segment", "run_serve"]
 
@@ -85,7 +86,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         "type an instruction, /reset to start over, /quit to leave")  # fmt: skip
     history = None
     turn = _last_turn(out)
-    for _ in range(args.max_turns):
+    answered = 0  # --max-turns counts answered prompts; blank lines and /commands are free
+    while answered < args.max_turns:
         print("you> ", end="", file=fout, flush=True)
         line = fin.readline()
         if not line:
@@ -103,14 +105,14 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         if text.startswith("/"):
             say(f"(unknown command {text.split()[0]}: /reset clears the history, /quit leaves)")
             continue
-        turn += 1
         t1 = time.perf_counter()
         try:
             prediction = predictor.predict(text, history=history)
         except PromptTooLongError as exc:
-            turn -= 1
             say(f"({exc}; /reset clears the history)")
             continue
+        turn += 1
+        answered += 1
         history = prediction.history[-2 * args.max_history :] if args.max_history else None
         result = SegmentResult.from_prediction(
             prediction, text, image.shape[:2], timings_ms={"predict": (time.perf_counter() - t1) * 1e3},
@@ -170,37 +172,45 @@ def _check_port(host: str, port: int) -> None:
         ) from None
 
 
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The server's settings: the flags given on the command line (``None``: not given), then for the
+    other fields the ``REASONSEG_SERVE_*`` environment variables, then :class:`ServeSettings`' defaults.
+    A bad value raises a ValueError naming its flag or its variable."""
+    from reasonseg.serving.settings import ServeSettings
+
+    mib = 2**20
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "token": args.token,
+        "max_upload_bytes": None if args.max_upload_mb is None else int(args.max_upload_mb * mib),
+        "max_pixels": args.max_pixels,
+        "max_instruction_chars": args.max_instruction_chars,
+        "request_timeout_s": args.timeout,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "cache_bytes": None if args.cache_mb is None else int(args.cache_mb * mib),
+        "enable_page": False if args.no_page else None,
+    }
+    flags = {k: v for k, v in given.items() if v is not None}
+    try:
+        settings = ServeSettings(**flags)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(_flag_message(str(err), args)) from None
+    try:
+        return settings.with_env(keep=flags)
+    except ValueError as err:
+        raise ValueError(f"with the REASONSEG_SERVE_* environment variables: {err}") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Start the API + web page with uvicorn (loopback unless ``--host`` says otherwise)."""
-    import os
-
     import uvicorn
 
     from reasonseg.inference.predictor import ReasonSegPredictor
     from reasonseg.serving.app import create_app
-    from reasonseg.serving.settings import ServeSettings
 
-    token = args.token or os.environ.get("REASONSEG_SERVE_TOKEN") or None
-    try:
-        settings = ServeSettings(
-            host=args.host,
-            port=args.port,
-            token=token,
-            max_upload_bytes=int(args.max_upload_mb * 2**20),
-            max_pixels=args.max_pixels,
-            max_instruction_chars=args.max_instruction_chars,
-            request_timeout_s=args.timeout,
-            max_batch_size=args.max_batch_size,
-            max_wait_ms=args.max_wait_ms,
-            cache_bytes=int(args.cache_mb * 2**20),
-            enable_page=not args.no_page,
-        )
-    except ValueError as err:
-        raise ValueError(_flag_message(str(err), args)) from None
-    try:
-        settings = settings.with_env()
-    except ValueError as err:
-        raise ValueError(f"with the REASONSEG_SERVE_* environment variables: {err}") from None
+    settings = serve_settings(args)
     _check_port(settings.host, settings.port)  # before the model loads: a taken port fails at once
     if not settings.is_loopback and settings.token is None:
         print(f"warning: listening on {settings.host} without a token: anyone who can reach this machine can "

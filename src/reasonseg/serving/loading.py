@@ -100,7 +100,8 @@ def load_model(
         spec: ``None``/``"builtin"`` (the trained lisa-mobile, or the untrained fallback with a warning), a
             preset name (``reasonseg.model.config.PRESETS``: base weights real, new parts random), or a
             directory written by ``LisaModel.save_pretrained``.
-        tiny: build the preset at tiny random sizes (tests and load tests of the serving machinery only).
+        tiny: build the preset at tiny random sizes (tests and load tests of the serving machinery only);
+            a ValueError with a model directory or the trained built-in model, which have fixed sizes.
         progress: show progress bars on stderr (False also hides the bars of transformers itself).
 
     Raises:
@@ -153,6 +154,10 @@ def _load_model(spec: str | None, *, tiny: bool, progress: bool, dtype: str | to
         )
 
     if directory is not None:
+        if tiny:
+            raise ValueError(
+                f"--tiny applies to a preset --model (e.g. --model lisa-mobile --tiny), not to {directory}"
+            )
         bar = _progress_bar(1, progress)
         bar.set_postfix_str(f"reading {directory}")
         model = LisaModel.from_pretrained(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 
 __all__ = ["ServeSettings"]
@@ -87,12 +88,13 @@ class ServeSettings:
         except ValueError:
             return False
 
-    def with_env(self, prefix: str = "REASONSEG_SERVE_") -> ServeSettings:
-        """A copy overridden by environment variables, e.g. ``REASONSEG_SERVE_TOKEN`` or ``..._MAX_PIXELS``."""
+    def with_env(self, prefix: str = "REASONSEG_SERVE_", *, keep: Collection[str] = ()) -> ServeSettings:
+        """A copy overridden by environment variables, e.g. ``REASONSEG_SERVE_TOKEN`` or ``..._MAX_PIXELS``;
+        the fields named in ``keep`` (set on the command line) are not read from the environment."""
         changes: dict[str, object] = {}
         for f in fields(self):
             raw = os.environ.get(prefix + f.name.upper())
-            if raw is None:
+            if raw is None or f.name in keep:
                 continue
             kind = type(getattr(self, f.name)) if getattr(self, f.name) is not None else str
             try:
