@@ -328,7 +328,7 @@ def main() -> None:
         f"{first / enc:.2f}x, drafted {first_drafted / enc:.2f}x)",
         f"predict_batch of 4 vs 4 predicts (cached image prefix shared by the batch): x"
         f"{med['4 questions, one predict each'] / med['4 questions, one predict_batch']:.2f}",
-        "training samples/s: see the bench/bench_train.py sections",
+        "training samples/s: `python bench/bench_train.py` (prints only, not appended here)",
     ]
     if fp32_model is not None:
         notes.append(
