@@ -634,3 +634,14 @@ def test_records_are_checked_when_the_annotation_file_is_opened(tmp_path: Path) 
     )
     with pytest.raises(DataError, match=r"paco_lvis_v1_train\.json: annotation 5: unknown category 9"):
         paco_lvis(tmp_path)
+
+
+def test_errors_name_types_in_words_and_a_folder_given_for_a_json_file(tmp_path: Path) -> None:
+    from reasonseg.data.readers.base import read_json, require
+
+    with pytest.raises(DataError, match=r"field 'is_sentence' is a str, expected bool or int$"):
+        require({"is_sentence": "yes"}, "is_sentence", (bool, int), tmp_path / "a.json")
+    with pytest.raises(DataError, match="is a directory, expected a JSON file"):
+        read_json(tmp_path)
+    with pytest.raises(DataError, match="is a directory, expected a JSON file"):
+        LlavaInstructReader(tmp_path, tmp_path)

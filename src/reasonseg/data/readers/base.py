@@ -156,6 +156,8 @@ def read_json(path: str | Path, *, cp1252_fallback: bool = False) -> Any:
     ReasonSeg annotations are cp1252 and LISA's reader falls back the same way; other formats are UTF-8.
     """
     p = Path(path)
+    if p.is_dir():
+        raise DataError(p, "is a directory, expected a JSON file")
     if not p.is_file():
         raise DataError(p, "file is missing")
     raw = p.read_bytes()
@@ -201,7 +203,8 @@ def require(obj: Any, key: str, typ: type | tuple[type, ...], path: str | Path) 
         raise DataError(path, f"missing field {key!r}")
     value = obj[key]
     if not isinstance(value, typ):
-        raise DataError(path, f"field {key!r} has type {type(value).__name__}, expected {typ}")
+        names = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+        raise DataError(path, f"field {key!r} is a {type(value).__name__}, expected {names}")
     return value
 
 
