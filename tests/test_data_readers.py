@@ -645,3 +645,12 @@ def test_errors_name_types_in_words_and_a_folder_given_for_a_json_file(tmp_path:
         read_json(tmp_path)
     with pytest.raises(DataError, match="is a directory, expected a JSON file"):
         LlavaInstructReader(tmp_path, tmp_path)
+
+
+def test_a_missing_coco_image_names_its_image_id_and_annotation_file(tmp_path: Path) -> None:
+    g, images, _ = write_grefcoco(tmp_path)
+    for f in images.iterdir():
+        f.unlink()
+    reader = GRefCocoReader(g, images, "val", mode="eval")
+    with pytest.raises(DataError, match=r"image file is missing \(image id 1 of .*instances\.json\)"):
+        reader[0]

@@ -52,6 +52,8 @@ class CocoInstances:
         the record (a mismatch means the wrong image folder or a corrupt file)."""
         im = self.image(image_id)
         path = image_root / im["file_name"]
+        if not path.is_file():
+            raise DataError(path, f"image file is missing (image id {image_id} of {self.path})")
         hw = image_size(path)
         if hw != (im["height"], im["width"]):
             raise DataError(
