@@ -75,8 +75,28 @@ def test_truncated_answer_is_refused(tokenizer) -> None:
     seg = tokenizer.convert_tokens_to_ids("[SEG]")
     last_slot = int((full.input_ids[0] == seg).nonzero().max())
     col = LisaCollator(tokenizer, "chatml", SamTransform(32), num_image_tokens=2, max_length=last_slot)
-    with pytest.raises(ValueError, match=r"a \(synth\): 2 \[SEG\]/\[REJ\] tokens .* 3 target masks"):
+    with pytest.raises(ValueError, match=r"a \(synth\): 2 \[SEG\]/\[REJ\] tokens .* 3 target masks") as err:
         col(samples()[:1])
+    assert (
+        f"the answer was cut by max_length={last_slot} (the conversation has {full.input_ids.shape[1]} tokens)"
+        in str(err.value)
+    )
+
+
+@pytest.mark.parametrize("max_length", [None, 512])
+def test_slot_mask_mismatch_without_truncation_blames_the_sample(tokenizer, max_length) -> None:
+    """Nothing was cut: the message says the conversation and the masks disagree, not max_length."""
+    s = samples()[0]
+    two = Sample(s.image, "a", s.turns, s.masks[:2], s.kind, s.source)
+    col = LisaCollator(tokenizer, "chatml", SamTransform(32), num_image_tokens=2, max_length=max_length)
+    with pytest.raises(ValueError) as err:
+        col([two])
+    message = str(err.value)
+    assert message.startswith(
+        "a (synth): 3 [SEG]/[REJ] tokens in the encoded conversation but 2 target masks: "
+    )
+    assert "the sample's conversation and its masks disagree" in message
+    assert "max_length" not in message
 
 
 def test_works_in_dataloader_workers(tokenizer) -> None:

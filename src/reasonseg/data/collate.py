@@ -112,6 +112,33 @@ class LisaCollator:
             raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary; add it as a special token")
         return int(tid)
 
+    def _count_slots(self, enc: Any) -> int:
+        return sum(int(t) in self.slot_ids for t in enc.input_ids.tolist())
+
+    def _slot_mismatch(self, s: Sample, enc: Any, n_slots: int) -> str:
+        """Why a sample's [SEG]/[REJ] tokens and its masks disagree: truncation by ``max_length`` only when
+        the conversation was actually cut (and the uncut one would match), else the sample itself."""
+        head = (
+            f"{s.image_id} ({s.source}): {n_slots} [SEG]/[REJ] tokens in the encoded conversation but "
+            f"{s.masks.shape[0]} target masks"
+        )
+        full = enc
+        if self.max_length is not None:
+            full = encode_conversation(self.tokenizer, self.template, s.turns, self.num_image_tokens, None)
+        if len(full) > len(enc):
+            n_full = self._count_slots(full)
+            if n_full == s.masks.shape[0]:
+                return (
+                    f"{head}: the answer was cut by max_length={self.max_length} (the conversation has "
+                    f"{len(full)} tokens), losing {n_full - n_slots} of them; shorten the sample or raise "
+                    "max_length"
+                )
+            head += f" ({n_full} before the cut to max_length={self.max_length})"
+        return (
+            f"{head}: the sample's conversation and its masks disagree (each {SEG_TOKEN}/{REJ_TOKEN} in "
+            "the turns needs one mask, in order)"
+        )
+
     def __call__(self, samples: Sequence[Sample]) -> LisaBatch:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
@@ -126,12 +153,9 @@ class LisaCollator:
             enc = encode_conversation(
                 self.tokenizer, self.template, s.turns, self.num_image_tokens, self.max_length
             )
-            n_slots = sum(int(t) in self.slot_ids for t in enc.input_ids.tolist())
+            n_slots = self._count_slots(enc)
             if n_slots != s.masks.shape[0]:
-                raise ValueError(
-                    f"{s.image_id} ({s.source}): {n_slots} [SEG]/[REJ] tokens in the encoded conversation but "
-                    f"{s.masks.shape[0]} target masks (answer cut by max_length={self.max_length}?)"
-                )
+                raise ValueError(self._slot_mismatch(s, enc, n_slots))
             encs.append(enc)
         t = max(len(e) for e in encs)
         b = len(samples)
