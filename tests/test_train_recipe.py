@@ -135,6 +135,7 @@ def test_datasets_with_one_name_form_one_mixture_source() -> None:
                         "name": "a",
                         "kind": "callable",
                         "target": "train_support:toy_dataset",
+                        "rate": 3,
                         "options": {"n": 3, "seed": 1},
                     },
                     {
@@ -186,3 +187,30 @@ def test_build_reader_names_options_its_reader_does_not_take(tmp_path: Path) -> 
         ValueError, match=r"'ade20k' takes no option\(s\) \['clases_per_sample'\].*classes_per"
     ):
         build_reader("ade20k", tmp_path, clases_per_sample=2)
+
+
+def test_datasets_of_one_name_with_different_rates_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "rates.yaml"
+    bad.write_text(
+        "data:\n  datasets:\n"
+        "    - {name: a, kind: callable, target: 'm:f', rate: 3}\n"
+        "    - {name: b, kind: callable, target: 'm:f', rate: 1}\n"
+        "    - {name: a, kind: callable, target: 'm:g'}\n"
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    message = str(err.value)
+    assert "datasets[0] and datasets[2] share name 'a' but give different rates (3 and 1.0)" in message
+
+
+def test_dataset_entries_need_a_path_for_readers_and_none_for_callables(tmp_path: Path) -> None:
+    bad = tmp_path / "paths.yaml"
+    bad.write_text("data: {datasets: [{kind: callable, target: 'm:f'}, {kind: reason_seg}]}\n")
+    with pytest.raises(RecipeError, match=r"data\.datasets\[1\]: kind 'reason_seg' needs path"):
+        load_recipe(bad)
+    bad.write_text("data: {datasets: [{kind: callable, target: 'm:f', path: /x}]}\n")
+    with pytest.raises(RecipeError, match=r"data\.datasets\[0\]: kind 'callable' takes no path \(got '/x'\)"):
+        load_recipe(bad)
+    bad.write_text("data: {datasets: [{kind: refcoco, path: x, target: 'm:f'}]}\n")
+    with pytest.raises(RecipeError, match=r"datasets\[0\]: target applies only to kind 'callable'"):
+        load_recipe(bad)

@@ -169,3 +169,107 @@ def test_objective_runs_only_the_heads_its_weights_use() -> None:
     assert not calls and terms.mask_count == 0 and terms.ce_count > 0 and terms.ce_sum.requires_grad
     terms = LisaObjective(model, LossWeights(ce=0.0))(batch)
     assert calls and terms.mask_count > 0 and terms.ce_count == 0
+
+
+_USER_MODULE = """
+from reasonseg.data.samples import Sample
+
+
+def make(n, size=32):
+    from train_support import make_samples
+
+    return make_samples(n, size)
+
+
+def gen(n=2):
+    yield from make(n)
+
+
+def dicts():
+    return [{"image": "a.jpg"}]
+
+
+def empty():
+    return []
+
+
+def broken():
+    return Sample(image=None)
+
+
+not_a_function = 3
+"""
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            {"target": "nosuchmod_xyz.data:make"},
+            r"cannot import module 'nosuchmod_xyz\.data' \(ModuleNotFoundError",
+        ),
+        (
+            {"target": "usermod_ds:nothere"},
+            r"module 'usermod_ds' \(.*usermod_ds\.py\) has no attribute 'nothere'",
+        ),
+        ({"target": "usermod_ds:not_a_function"}, r"has a non-callable int 'not_a_function'"),
+        (
+            {"target": "usermod_ds:make", "options": {"nn": 3}},
+            r"options \['nn'\] do not fit usermod_ds:make\(n, size=32\) .*it takes: n, size",
+        ),
+        ({"target": "usermod_ds:make"}, r"options \[\] do not fit .*missing a required argument: 'n'"),
+        ({"target": "usermod_ds:gen"}, r"returned a generator, not a sequence .*wrap it in list\(\)"),
+        (
+            {"target": "usermod_ds:dicts"},
+            r"item 0 is a builtins\.dict, not a reasonseg\.data\.samples\.Sample",
+        ),
+        ({"target": "usermod_ds:empty"}, r"returned an empty dataset"),
+        ({"target": "usermod_ds:broken"}, r"usermod_ds:broken raised TypeError: .*--debug"),
+    ],
+)
+def test_callable_dataset_errors_name_the_recipe_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: dict, expected: str
+) -> None:
+    """Each is a ``reasonseg train: error:`` line naming ``data.datasets[1]``, not a traceback."""
+    from reasonseg.training.recipe import recipe_from_dict
+    from reasonseg.training.trainer import build_dataset
+
+    (tmp_path / "usermod_ds.py").write_text(_USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = {"name": "ok", "kind": "callable", "target": "usermod_ds:make", "options": {"n": 2}}
+    bad = {"name": "mine", "kind": "callable", **entry}
+    recipe = recipe_from_dict({"data": {"datasets": [good, bad]}})
+    with pytest.raises(
+        ValueError, match=r"^data\.datasets\[1\] \(name 'mine', kind callable, target "
+    ) as err:
+        build_dataset(recipe.data, seed=0)
+    assert err.match(expected)
+    ok = recipe_from_dict({"data": {"datasets": [good]}})
+    assert len(build_dataset(ok.data, seed=0)) == 2
+
+
+def test_an_empty_reader_dataset_names_the_entry_and_its_path(tmp_path: Path) -> None:
+    from reasonseg.training.recipe import recipe_from_dict
+    from reasonseg.training.trainer import build_dataset
+
+    llava = tmp_path / "llava.json"
+    llava.write_text("[]")
+    entries = [
+        {"kind": "callable", "target": "train_support:toy_dataset"},
+        {
+            "name": "vqa",
+            "kind": "llava_instruct",
+            "path": str(llava),
+            "options": {"image_root": str(tmp_path)},
+        },
+    ]
+    recipe = recipe_from_dict({"data": {"datasets": entries}})
+    with pytest.raises(ValueError) as err:
+        build_dataset(recipe.data, seed=0)
+    assert str(err.value).startswith(f"data.datasets[1] (name 'vqa', kind llava_instruct, path {llava}): "), (
+        str(err.value)
+    )
+    missing = tmp_path / "nowhere"
+    entries[1] = {"kind": "reason_seg", "path": str(missing)}
+    with pytest.raises(ValueError, match=rf"^data\.datasets\[1\] \(kind reason_seg, path {missing}\): "):
+        build_dataset(recipe_from_dict({"data": {"datasets": entries}}).data, seed=0)

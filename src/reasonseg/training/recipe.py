@@ -72,8 +72,10 @@ class DatasetSpec:
     ``kind`` names a reader (``reasonseg.data.readers.build_reader``: ``reason_seg``, ``grefcoco``,
     ``refcoco``, ``ade20k``, ``synth``, ...) or ``callable``: then ``target`` is
     ``"package.module:function"`` returning a sequence of ``Sample`` (called with ``**options``), the way
-    to plug in your own data. ``rate`` is the relative sampling rate (LISA: 9:3:3:1); datasets with the
-    same ``name`` form one source of the mixture (LISA's ``sem_seg`` group) at the first one's rate.
+    to plug in your own data (it takes no ``path``: pass one in ``options`` if the function wants it);
+    a reader kind needs ``path``. ``rate`` is the relative sampling rate (LISA: 9:3:3:1); datasets with
+    the same ``name`` form one source of the mixture (LISA's ``sem_seg`` group) and must give the same
+    rate.
     A reader kind's ``options`` are checked against the options its reader takes
     (``reasonseg.data.readers.reader_options``) when the recipe is read, so a typo fails before any model
     loads; ``mode`` and ``seed`` are not among them: the trainer sets ``mode="train"`` and ``train.seed``.
@@ -91,10 +93,20 @@ class DatasetSpec:
             raise ValueError("kind must be a non-empty string")
         if not self.rate > 0:
             raise ValueError(f"rate must be > 0, got {self.rate!r}")
-        if self.kind == "callable" and (not self.target or ":" not in self.target):
-            raise ValueError("kind 'callable' needs target: 'package.module:function'")
-        if self.kind != "callable":
-            self._check_reader_options()
+        if self.kind == "callable":
+            if not self.target or ":" not in self.target:
+                raise ValueError("kind 'callable' needs target: 'package.module:function'")
+            if self.path is not None:
+                raise ValueError(
+                    f"kind 'callable' takes no path (got {self.path!r}): its function gets only the "
+                    "options; pass a path as one of them (options: {path: ...}) if the function takes one"
+                )
+            return
+        self._check_reader_options()
+        if self.target is not None:
+            raise ValueError(f"target applies only to kind 'callable', not to kind {self.kind!r}")
+        if self.path is None or not str(self.path).strip():
+            raise ValueError(f"kind {self.kind!r} needs path (the dataset's folder or file)")
 
     def _check_reader_options(self) -> None:
         from reasonseg.data.readers import READER_KINDS, reader_options
@@ -133,6 +145,17 @@ class DataRecipe:
             raise ValueError(f"samples_per_epoch must be >= 1, got {self.samples_per_epoch!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
+        first: dict[str, int] = {}
+        for i, d in enumerate(self.datasets):
+            if d.name is None:
+                continue
+            j = first.setdefault(d.name, i)
+            if self.datasets[j].rate != d.rate:
+                raise ValueError(
+                    f"datasets[{j}] and datasets[{i}] share name {d.name!r} but give different rates "
+                    f"({self.datasets[j].rate!r} and {d.rate!r}): the datasets of one name form one "
+                    "source of the mixture, sampled at one rate; give them the same rate, or different names"
+                )
         if self.collate is not None and ":" not in self.collate:
             raise ValueError(f"collate must be 'package.module:factory', got {self.collate!r}")
 

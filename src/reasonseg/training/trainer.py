@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -167,34 +168,116 @@ def build_dataset(spec: DataRecipe, seed: int) -> Any:
     if not spec.datasets:
         raise ValueError("data.datasets: the recipe lists no dataset")
     if len(spec.datasets) == 1 and spec.samples_per_epoch is None:
-        return _build_one(spec.datasets[0], seed)
+        return _build_one(spec.datasets[0], seed, 0)
     from reasonseg.data.mixture import MixtureDataset
 
-    # Datasets sharing a ``name`` form one source (LISA's "sem_seg" group): its rate is the first one's,
-    # and the mixture picks a member uniformly.
+    # Datasets sharing a ``name`` form one source (LISA's "sem_seg" group) at their common rate (the
+    # recipe refuses members with different rates), and the mixture picks a member uniformly.
     groups: dict[str, list[Any]] = {}
     rates: dict[str, float] = {}
     for i, d in enumerate(spec.datasets):
         name = d.name or f"{d.kind}#{i}"
-        groups.setdefault(name, []).append(_build_one(d, seed))
+        groups.setdefault(name, []).append(_build_one(d, seed, i))
         rates.setdefault(name, d.rate)
     sources = {n: g if len(g) > 1 else g[0] for n, g in groups.items()}
     return MixtureDataset(sources, rates=rates, seed=seed, samples_per_epoch=spec.samples_per_epoch)
 
 
-def _build_one(spec: Any, seed: int) -> Any:
-    import importlib
-
+def describe_dataset_entry(spec: Any, index: int) -> str:
+    """How messages name a recipe's dataset entry: ``data.datasets[2] (name 'vqa', kind llava_instruct,
+    path data/llava.json)``."""
+    parts = [f"name {spec.name!r}"] if spec.name else []
+    parts.append(f"kind {spec.kind}")
     if spec.kind == "callable":
-        module_name, _, attr = spec.target.partition(":")
-        fn = getattr(importlib.import_module(module_name), attr)
-        return fn(**spec.options)
+        parts.append(f"target {spec.target}")
+    if spec.path is not None:
+        parts.append(f"path {spec.path}")
+    return f"data.datasets[{index}] ({', '.join(parts)})"
+
+
+def _callable_target(spec: Any, where: str) -> Callable[..., Any]:
+    """The function a ``kind: callable`` entry names, its options checked against its signature."""
+    import importlib
+    import inspect
+
+    module_name, _, attr = spec.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"{where}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); the module "
+            "must be importable by the training process (installed, or its folder on PYTHONPATH)"
+        ) from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        what = "no attribute" if fn is None else f"a non-callable {type(fn).__name__}"
+        raise ValueError(f"{where}: module {module_name!r} ({module.__file__}) has {what} {attr!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to check (a builtin): the call will tell
+        return fn
+    try:
+        signature.bind(**spec.options)
+    except TypeError as exc:
+        takes = [
+            n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        raise ValueError(
+            f"{where}: options {sorted(spec.options)} do not fit {spec.target}{signature} ({exc}); "
+            f"it takes: {', '.join(takes) or 'no options'}"
+        ) from None
+    return fn
+
+
+def _check_samples(data: Any, where: str) -> None:
+    """A callable's result must be a non-empty sequence (len and indexing) of ``Sample``."""
+    from reasonseg.data.samples import Sample
+
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise ValueError(
+            f"{where}: returned a {type(data).__name__}, not a sequence with len() and indexing; return a "
+            "list (or another sequence) of reasonseg.data.samples.Sample (a generator: wrap it in list())"
+        )
+    n = len(data)
+    if n == 0:
+        raise ValueError(f"{where}: returned an empty dataset (0 samples)")
+    # every item of an in-memory list; the first of a lazy sequence (items may load images)
+    items = enumerate(data) if isinstance(data, (list, tuple)) else [(0, _get_sample(data, 0, 0))]
+    for k, item in items:
+        if not isinstance(item, Sample):
+            raise ValueError(
+                f"{where}: item {k} is a {type(item).__module__}.{type(item).__qualname__}, not a "
+                "reasonseg.data.samples.Sample"
+            )
+
+
+def _build_one(spec: Any, seed: int, index: int = 0) -> Any:
+    """One dataset entry of a recipe; errors name the entry (``data.datasets[i] (...)``)."""
+    where = describe_dataset_entry(spec, index)
+    if spec.kind == "callable":
+        fn = _callable_target(spec, where)
+        try:
+            data = fn(**spec.options)
+        except Exception as exc:
+            raise ValueError(
+                f"{where}: {spec.target} raised {type(exc).__name__}: {exc} (--debug shows the traceback)"
+            ) from exc
+        _check_samples(data, where)
+        return data
     from reasonseg.data import readers
 
     factory = getattr(readers, "build_reader", None)
     if factory is None:
-        raise ValueError(f"data.datasets: kind {spec.kind!r} needs reasonseg.data.readers.build_reader")
-    return factory(spec.kind, spec.path, mode="train", seed=seed, **spec.options)
+        raise ValueError(f"{where}: kind {spec.kind!r} needs reasonseg.data.readers.build_reader")
+    if spec.path is None:  # the recipe refuses this; a DatasetSpec built some other way may not
+        raise ValueError(f"{where}: kind {spec.kind} needs a path")
+    try:
+        data = factory(spec.kind, spec.path, mode="train", seed=seed, **spec.options)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    if len(data) == 0:
+        raise ValueError(f"{where}: the dataset is empty (no record to train on)")
+    return data
 
 
 def build_collator(model: nn.Module, factory: str | None = None) -> Callable[[Sequence[Any]], Any]:
@@ -289,6 +372,70 @@ class LisaObjective(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- trainer
+
+
+# Recipe fields that may differ between a run and its ``--resume``: they change neither the model, the
+# data order nor the optimisation of the steps already taken (``optim.total_steps`` re-plans the decay
+# of the steps still to come; the first resumed step takes its learning rate from the new schedule).
+RESUME_SAFE_FIELDS: tuple[str, ...] = (
+    "optim.total_steps",
+    "train.output_dir",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.progress_bar",
+    "train.num_threads",
+    "train.find_unused_parameters",
+    "data.num_workers",
+    "accelerate_config",
+)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted names -> leaf values (``data.datasets[0].path``); lists are indexed."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        if not obj and prefix:
+            out[prefix] = {}
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        if not obj:
+            out[prefix] = []
+        return out
+    return {prefix: obj}
+
+
+_ABSENT = "<absent>"
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted field name -> (old, new) for every field whose value differs (``<absent>`` when missing)."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
+def check_resume_recipe(
+    old: dict[str, Any], new: dict[str, Any], *, where: str
+) -> dict[str, tuple[Any, Any]]:
+    """Refuse (ValueError naming every field, old -> new) a resume whose recipe differs from the run's in a
+    field outside :data:`RESUME_SAFE_FIELDS`; returns the (safe) changes."""
+    changes = recipe_changes(old, new)
+    bad = {k: v for k, v in changes.items() if k not in RESUME_SAFE_FIELDS}
+    if bad:
+        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in bad.items())
+        raise ValueError(
+            f"--resume: the recipe differs from the one the run in {where} was trained with: {listed}. "
+            "Resuming continues that run exactly (its optimizer and schedule state come from the "
+            f"checkpoint), so only these fields may change: {', '.join(RESUME_SAFE_FIELDS)}. Undo the "
+            "change(s), or start a new run in another train.output_dir"
+        )
+    return changes
 
 
 @dataclass
@@ -411,7 +558,10 @@ class Trainer:
         sources = (
             [self.dataset]
             if self._dataset_given
-            else [_build_one(spec, self.recipe.train.seed) for spec in self.recipe.data.datasets]
+            else [
+                _build_one(spec, self.recipe.train.seed, k)
+                for k, spec in enumerate(self.recipe.data.datasets)
+            ]
         )
         for ds in sources:
             for k in range(len(ds)):
@@ -488,8 +638,19 @@ class Trainer:
     def _loader(self, stream: SampleStream, start: int, end: int) -> torch.utils.data.DataLoader:
         ds = _MicroBatches(self.dataset, stream, self.collate, self.rank, self.world_size)
         workers = self.recipe.data.num_workers
+        # The loader's own generator: creating its iterator draws the workers' base seed from it, not
+        # from torch's global RNG (which LoRA dropout uses and a resume restores). Seeded by the data
+        # position: a pure function of the recipe and the checkpoint.
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.recipe.train.seed, start, self.rank]).generate_state(1)[0])
+        )
         return torch.utils.data.DataLoader(
-            ds, batch_size=None, sampler=range(start, end), num_workers=workers, persistent_workers=False
+            ds,
+            batch_size=None,
+            sampler=range(start, end),
+            num_workers=workers,
+            persistent_workers=False,
+            generator=generator,
         )
 
     @property
@@ -509,7 +670,11 @@ class Trainer:
             trainable=self.plan.state_dict(),
             optimizer_state={} if engine else self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(),
-            trainer_state={"data_position": position, "history": [dataclasses.asdict(h) for h in history]},
+            trainer_state={
+                "data_position": position,
+                "history": [dataclasses.asdict(h) for h in history],
+                "recipe": self.recipe.to_dict(),  # what --resume compares its recipe with
+            },
             rank=self.rank,
             world_size=self.world_size,
             barrier=acc.wait_for_everyone,
@@ -522,15 +687,56 @@ class Trainer:
         if ckpt is None:
             return 0, 0, [], None
         loaded = load_checkpoint(ckpt, rank=self.rank, world_size=self.world_size)
+        saved = self._saved_recipe(loaded.trainer_state)
+        if saved is not None:
+            check_resume_recipe(saved, self.recipe.to_dict(), where=str(self.output_dir))
+        total = self.recipe.optim.total_steps
+        if loaded.step > total:
+            raise ValueError(
+                f"--resume: {ckpt} is at step {loaded.step}, beyond optim.total_steps={total}; "
+                f"give optim.total_steps >= {loaded.step}"
+            )
         self.plan.load_state_dict(loaded.trainable)
         if self._engine_state:
             self._pending_engine_state = ckpt / "accelerate_state"  # loaded after accelerator.prepare
         else:
             self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
-        restore_rng_state(loaded.rng_state)
+        # Restored by fit() just before the first step: whatever runs in between (accelerate's prepare,
+        # building the loader) must not shift the stream the next dropout masks are drawn from.
+        self._resume_rng_state = loaded.rng_state
         history = [StepLog(**h) for h in loaded.trainer_state.get("history", [])]
         return loaded.step, int(loaded.trainer_state["data_position"]), history, ckpt
+
+    def _saved_recipe(self, trainer_state: dict[str, Any]) -> dict[str, Any] | None:
+        """The recipe the run was trained with: the checkpoint's own (written since it records it), else
+        the run's ``recipe.yaml``; None when neither exists."""
+        saved = trainer_state.get("recipe")
+        if not isinstance(saved, dict):
+            path = self.output_dir / "recipe.yaml"
+            if not path.is_file():
+                return None
+            import yaml
+
+            saved = yaml.safe_load(path.read_text())
+            if not isinstance(saved, dict):
+                return None
+        from reasonseg.training.recipe import recipe_from_dict
+
+        try:  # fields added to the recipe since the run was written count at their defaults
+            return recipe_from_dict(saved, source="<saved recipe>").to_dict()
+        except ValueError:
+            return saved
+
+    def _apply_schedule(self) -> None:
+        """Set every group's lr to the (possibly re-planned) schedule's value at the current step: the
+        optimizer state of a checkpoint holds the old schedule's lr (0 at the end of a finished run,
+        whose total_steps a resume may extend). With an unchanged schedule the values are the same."""
+        sched = self.scheduler
+        groups = self.optimizer.param_groups
+        for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports
 
     # ---------------------------------------------------------------------------------------- fit
 
@@ -551,6 +757,18 @@ class Trainer:
                 "(--resume) or choose another train.output_dir"
             )
         step, position, history, resumed = self._resume() if resume else (0, 0, [], None)
+        if resumed is not None and step >= total:
+            self._resume_rng_state = None
+            if acc.is_main_process:
+                print(
+                    f"{self.output_dir}: already finished at step {step} of optim.total_steps={total} "
+                    f"({resumed.name}); nothing to train (raise optim.total_steps to train longer)",
+                    file=sys.stderr,
+                )
+            curve = self.output_dir / "loss_curve.png"
+            return TrainResult(
+                self.output_dir, step, history, resumed, resumed, curve if curve.is_file() else None
+            )
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(r.to_yaml())
@@ -565,9 +783,8 @@ class Trainer:
         pending = getattr(self, "_pending_engine_state", None)
         if pending is not None:
             acc.load_state(str(pending))
-            restore_rng_state(
-                load_checkpoint(pending.parent, rank=self.rank, world_size=self.world_size).rng_state
-            )
+        if resumed is not None:
+            self._apply_schedule()
         global_batch = t.micro_batch_size * self.world_size
         stream = SampleStream(len(self.dataset), t.seed, global_batch)
         stop = total if max_steps is None else min(total, step + max_steps)
@@ -579,6 +796,13 @@ class Trainer:
         last_ckpt: Path | None = None
         params = self.plan.parameters()
         batches = iter(loader)
+        rng_state = getattr(self, "_resume_rng_state", None)
+        if rng_state is not None:
+            # Last thing before the loop: the checkpoint's RNG state is the state the uninterrupted run
+            # had when it went on to the next step (LoRA dropout draws from it), so nothing may draw
+            # from it in between.
+            restore_rng_state(rng_state)
+            self._resume_rng_state = None
         waited = 0.0  # seconds blocked on the loader during this optimiser step
         try:
             while True:
