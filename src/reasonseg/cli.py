@@ -382,7 +382,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         if trainer.accelerator.is_main_process:
             last = result.history[-1] if result.history else None
             summary = f"loss {last.loss:.4f}" if last else "no step run"
-            print(f"trained to step {result.steps} ({summary}); checkpoint: {result.final_checkpoint}")
+            if result.resumed_from is not None and result.final_checkpoint == result.resumed_from:
+                print(
+                    f"nothing trained: already at step {result.steps}; checkpoint: {result.final_checkpoint}"
+                )
+            else:
+                print(f"trained to step {result.steps} ({summary}); checkpoint: {result.final_checkpoint}")
         return 0
 
     p.set_defaults(func=run)
