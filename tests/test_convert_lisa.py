@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,12 @@ def test_a_file_that_is_no_checkpoint_is_named(tmp_path) -> None:  # type: ignor
             read_state_dict(path)
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(read_state_dict(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_a_broken_safetensors_checkpoint_is_named(tmp_path: Path) -> None:
+    from reasonseg.convert.lisa import read_state_dict
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        read_state_dict(bad)

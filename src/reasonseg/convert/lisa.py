@@ -114,13 +114,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: checkpoint not found")
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        try:
+        from reasonseg.model.lisa import readable_safetensors
+
+        with readable_safetensors(p):
             return load_file(str(p))
-        except SafetensorError as err:
-            raise ValueError(f"{p}: not a readable safetensors file ({err})") from None
     import zipfile
 
     if not zipfile.is_zipfile(p):  # torch.save's format since torch 1.6 (what mmap loading needs)

@@ -1034,7 +1034,7 @@ class LisaModel(nn.Module):
         if fmt == "full":
             model = cls.from_config(config, load_base=False, tokenizer=tokenizer)
             say(f"loading {WEIGHTS_NAME}")
-            with _readable_weights(root / WEIGHTS_NAME):
+            with readable_safetensors(root / WEIGHTS_NAME):
                 missing, unexpected = load_model(model, str(root / WEIGHTS_NAME), strict=False)
             if missing or unexpected:
                 raise RuntimeError(
@@ -1044,7 +1044,7 @@ class LisaModel(nn.Module):
         elif fmt == "delta":
             model = cls.from_config(config, load_base=True, tokenizer=tokenizer)
             say(f"applying {DELTA_NAME} to the base weights")
-            with _readable_weights(root / DELTA_NAME):
+            with readable_safetensors(root / DELTA_NAME):
                 delta = load_delta(root / DELTA_NAME)
             apply_delta(model, delta)
         else:
@@ -1053,7 +1053,7 @@ class LisaModel(nn.Module):
 
 
 @contextlib.contextmanager
-def _readable_weights(path: Path) -> Iterator[None]:
+def readable_safetensors(path: Path) -> Iterator[None]:
     """Turn safetensors' errors on a missing, truncated or corrupt weights file into one that names it."""
     from safetensors import SafetensorError
 
